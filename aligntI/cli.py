@@ -1,0 +1,137 @@
+"""The ``aligntI`` command: ``train``, ``digitgrid``, ``init-model``, ``eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from aligntI.config import ConfigError, from_dict, load_recipe
+
+
+def cmd_train(args) -> int:
+    from aligntI.training.sft import run
+
+    cfg = load_recipe(args.config, args.overrides)
+    run(cfg, args.overrides)
+    return 0
+
+
+def cmd_digitgrid(args) -> int:
+    """Write the CPU example's dataset and a word-level tokenizer trained on its text."""
+    from aligntI.models.builder import wordlevel_tokenizer
+    from aligntI.tasks.digitgrid import write_digitgrid
+
+    meta = write_digitgrid(args.out, train_size=args.train_size, val_size=args.val_size,
+                           test_size=args.test_size, seed=args.seed)
+    records = json.loads(Path(args.out, "train.json").read_text())
+    # The role words come from the chat template; everything else from the task's own text.
+    corpus = ["USER: ASSISTANT:"] + [t["value"].replace("<image>", " ") for r in records for t in r["conversations"]]
+    tokenizer = wordlevel_tokenizer(corpus)
+    tokenizer.save_pretrained(Path(args.out, "tokenizer"))
+    print(f"DigitGrid: {meta['sizes']} samples in {args.out}; tokenizer of {len(tokenizer)} tokens in "
+          f"{Path(args.out, 'tokenizer')}")
+    return 0
+
+
+def cmd_init_model(args) -> int:
+    """Build a randomly initialised LLaVA model from a spec YAML and save it with its processor."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from aligntI.models.builder import TinyModelSpec, write_model_dir
+
+    spec = from_dict(TinyModelSpec, yaml.safe_load(Path(args.spec).read_text()) or {})
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    out = write_model_dir(args.out, spec, tokenizer)
+    print(f"wrote a random {spec.text.family}/{spec.vision.family} LLaVA model to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Greedy generation + exact match for an HF model directory (one process or under torchrun)."""
+    import torch
+
+    from aligntI import engine as ds
+    from aligntI.config import AttentionConfig, DataConfig, DataSource
+    from aligntI.data.loader import build_encoder
+    from aligntI.eval.generation import (
+        exact_match_scores,
+        format_scores,
+        generate_answers,
+        load_eval_items,
+        write_results,
+    )
+    from aligntI.models.loading import load_model, load_processor
+
+    dist = ds.init_distributed()
+    processor = load_processor(args.model)
+    model = load_model(args.model, AttentionConfig(args.attn, args.attn)).to(dist.device).eval()
+    data = DataConfig(train=[DataSource(args.data)], chat_template=args.chat_template, max_length=10**9)
+    items = load_eval_items(args.data, args.images, args.category_key, args.max_samples)
+    preds = generate_answers(model, processor, build_encoder(processor, data), items, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, device=dist.device, rank=dist.rank,
+                             world_size=dist.world_size)
+    gathered = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, preds)
+    if dist.is_main:
+        allp = [p for part in gathered for p in part]
+        scores = exact_match_scores(allp)
+        out = Path(args.out) if args.out else Path(args.model) / "eval"
+        write_results(out, Path(args.data).stem, allp, scores)
+        print(format_scores(scores, f"{args.model}: exact match on {args.data} ({len(allp)} samples)"))
+    ds.destroy()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aligntI", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a recipe YAML (run it under deepspeed/torchrun for >1 rank)")
+    p.add_argument("--config", required=True, help="recipe YAML")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("digitgrid", help="write the DigitGrid CPU example dataset and its tokenizer")
+    p.add_argument("--out", default="data/digitgrid")
+    p.add_argument("--train-size", type=int, default=30000)
+    p.add_argument("--val-size", type=int, default=500)
+    p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1234)
+    p.set_defaults(func=cmd_digitgrid)
+
+    p = sub.add_parser("init-model", help="save a random LLaVA model of a spec YAML with its processor")
+    p.add_argument("--spec", required=True, help="model spec YAML (see recipes/mini/models/)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("eval", help="greedy-generation exact-match evaluation of an HF model directory")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL; the last turn is the reference")
+    p.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
+    p.add_argument("--chat-template", default=None, help="template name or .jinja (default: the processor's)")
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--category-key", default="category")
+    p.add_argument("--out", default=None, help="output folder (default: <model>/eval)")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"aligntI: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

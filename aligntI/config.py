@@ -1,0 +1,364 @@
+"""Recipe schema: nested dataclasses loaded strictly from YAML plus ``dotted.key=value`` overrides.
+
+Unknown keys, wrong types and inconsistent values raise :class:`ConfigError` naming the file and the
+key. Nothing here mutates what the user wrote: derived values (gradient accumulation, world size) are
+computed in :func:`resolve_batching`, which needs the world size and so runs after distributed start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+TRAINABLE_PARTS = ("vision_tower", "projector", "llm")
+
+
+class ConfigError(ValueError):
+    """A recipe is malformed: the message names the file and the key."""
+
+
+@dataclass
+class AttentionConfig:
+    """Attention backend per sub-model (`sdpa` or `eager` on CPU, `flash_attention_2` on GPU)."""
+
+    text: str = "sdpa"
+    vision: str = "sdpa"
+
+
+@dataclass
+class ModelConfig:
+    path: str
+    attn_implementation: AttentionConfig = field(default_factory=AttentionConfig)
+    trainable: list[str] = field(default_factory=lambda: ["projector", "llm"])
+    activation_checkpointing: bool = False
+
+    def validate(self, where: str) -> None:
+        for part in self.trainable:
+            if part not in TRAINABLE_PARTS:
+                raise ConfigError(f"{where}.trainable: unknown part {part!r}; choose from {list(TRAINABLE_PARTS)}")
+        if len(set(self.trainable)) != len(self.trainable):
+            raise ConfigError(f"{where}.trainable: duplicate entries in {self.trainable}")
+
+
+@dataclass
+class DataSource:
+    """One LLaVA-format JSON/JSONL file; ``weight`` scales how often it is drawn per epoch."""
+
+    path: str
+    images: str | None = None  # image folder; default: the folder holding ``path``
+    weight: float = 1.0
+    max_samples: int | None = None  # keep only the first N records (e.g. a student's data subset)
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource]
+    chat_template: str | None = None  # shipped template name or a .jinja path; None: the processor's own
+    max_length: int = 2048
+    padding_side: Literal["right", "left"] = "right"
+    on_bad_sample: Literal["error", "skip"] = "error"
+    num_workers: int = 2
+
+    def validate(self) -> None:
+        if not self.train:
+            raise ConfigError("data.train: at least one source is required")
+        for i, src in enumerate(self.train):
+            if src.weight <= 0:
+                raise ConfigError(f"data.train.{i}.weight: must be > 0, got {src.weight}")
+            if src.max_samples is not None and src.max_samples <= 0:
+                raise ConfigError(f"data.train.{i}.max_samples: must be > 0, got {src.max_samples}")
+        if self.max_length <= 0:
+            raise ConfigError(f"data.max_length: must be > 0, got {self.max_length}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float
+    projector_lr: float | None = None  # LLaVA-style recipes train the projector faster
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+        if self.projector_lr is not None and self.projector_lr <= 0:
+            raise ConfigError(f"optim.projector_lr: must be > 0, got {self.projector_lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas: need two values in [0, 1), got {self.betas}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int | None = None  # None: derived from the world size
+    max_steps: int | None = None
+    epochs: float | None = None
+    save_every: int = 0  # optimizer steps between checkpoints; 0 saves only at the end
+    keep_last: int = 2
+    log_every: int = 1
+
+    def validate(self) -> None:
+        for key in ("global_batch_size", "micro_batch_size", "keep_last", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key}: must be > 0, got {getattr(self, key)}")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ConfigError("train.max_steps / train.epochs: give exactly one of them")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"train.max_steps: must be > 0, got {self.max_steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"train.epochs: must be > 0, got {self.epochs}")
+        if self.save_every < 0:
+            raise ConfigError(f"train.save_every: must be >= 0, got {self.save_every}")
+
+
+@dataclass
+class EngineConfig:
+    ds_config: str  # JSON under ds_configs/: ZeRO and communication settings
+    zero_stage: Literal[0, 1, 2, 3] = 3  # must agree with the JSON; stated here so a recipe reads alone
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class EvalConfig:
+    data: str
+    images: str | None = None
+    max_new_tokens: int = 16
+    batch_size: int = 64
+    max_samples: int | None = None
+    category_key: str = "category"  # record field that per-category accuracy groups by
+
+
+@dataclass
+class RecipeConfig:
+    run_dir: str
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    engine: EngineConfig
+    seed: int = 0
+    resume: Literal["auto", "never"] = "auto"
+    eval: EvalConfig | None = None
+
+    def validate(self) -> None:
+        self.model.validate("model")
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+        check_ds_config(self.engine)
+
+
+def check_ds_config(engine: EngineConfig) -> dict:
+    """Load the DeepSpeed JSON and reject what belongs to the recipe or disagrees with it."""
+    path = Path(engine.ds_config)
+    if not path.is_file():
+        raise ConfigError(f"engine.ds_config: file not found: {path}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"engine.ds_config: {path} is not valid JSON: {err}") from err
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage != engine.zero_stage:
+        raise ConfigError(
+            f"engine.zero_stage: recipe says {engine.zero_stage} but {path} has zero_optimization.stage={stage}"
+        )
+    # One source of truth: batch sizes, optimizer and schedule come from the recipe.
+    owned = ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+             "optimizer", "scheduler"]
+    clash = [k for k in owned if k in ds]
+    if clash:
+        raise ConfigError(f"engine.ds_config: {path} sets {clash}; these come from the recipe (train/optim)")
+    for key, value in _walk(ds):
+        if value == "auto":
+            raise ConfigError(f"engine.ds_config: {path} key {key} is 'auto'; DeepSpeed needs a number here")
+    return ds
+
+
+def _walk(d: Any, prefix: str = ""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _walk(v, f"{prefix}.{k}" if prefix else k)
+    else:
+        yield prefix, d
+
+
+# ---------------------------------------------------------------- strict loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, schema: type = RecipeConfig):
+    """Read a YAML recipe, apply ``a.b=value`` overrides, build and validate the typed config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        cfg = from_dict(schema, raw)
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``a.b.0.c=value`` in a nested dict/list; the value is parsed as YAML (``1e-3``, ``[1, 2]``, ``null``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    key, text = item.split("=", 1)
+    value = yaml.safe_load(text) if text else ""
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            node = node[_index(node, part, key)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {key}: {part!r} is not an index of a list of length {len(node)}")
+    return int(part)
+
+
+def from_dict(cls: type, data: Any, where: str = ""):
+    """Build dataclass ``cls`` from ``data``, checking every key and type."""
+    label = where or "<top>"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{name}: unknown key (allowed here: {sorted(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: required key is missing")
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {options}")
+    if origin is Literal:
+        if value not in args or type(value) is not type(next(a for a in args if a == value)):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        # YAML reads 1e-3 as a string (no dot in the mantissa): accept numeric strings for floats only.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported schema type {tp!r}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg, path: str | Path, extra: dict | None = None) -> None:
+    """Write the fully resolved config (plus derived values) so a run documents itself."""
+    payload = to_dict(cfg)
+    if extra:
+        payload["resolved"] = extra
+    Path(path).write_text(yaml.safe_dump(payload, sort_keys=False))
+
+
+@dataclass(frozen=True)
+class Batching:
+    world_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    global_batch_size: int
+
+
+def resolve_batching(train: TrainConfig, world_size: int) -> Batching:
+    """Check micro × accumulation × world = global, deriving accumulation when the recipe leaves it open."""
+    per_step = train.micro_batch_size * world_size
+    if train.gradient_accumulation_steps is None:
+        if train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size: {train.global_batch_size} is not divisible by "
+                f"train.micro_batch_size ({train.micro_batch_size}) x world size ({world_size})"
+            )
+        accum = train.global_batch_size // per_step
+    else:
+        accum = train.gradient_accumulation_steps
+        if per_step * accum != train.global_batch_size:
+            raise ConfigError(
+                f"train.gradient_accumulation_steps: micro_batch_size {train.micro_batch_size} x "
+                f"gradient_accumulation_steps {accum} x world size {world_size} = {per_step * accum}, "
+                f"but train.global_batch_size is {train.global_batch_size}"
+            )
+    return Batching(world_size, train.micro_batch_size, accum, train.global_batch_size)

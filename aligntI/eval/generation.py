@@ -1,0 +1,109 @@
+"""Greedy generation over a LLaVA-format evaluation file, sharded over ranks, scored by exact match.
+
+Under ZeRO-3 every rank must run the same forwards: each rank gets the same number of batches (short
+shards repeat a batch whose answers are dropped) and ``generate`` runs with ``synced_gpus`` so ranks
+keep stepping until all are done.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from aligntI.data.formatting import ConversationEncoder, to_messages
+from aligntI.data.records import RecordSource
+
+
+def normalize_answer(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def load_eval_items(path: str, images: str | None, category_key: str, max_samples: int | None) -> list[dict]:
+    """Single-answer items: the prompt is every turn but the last, the reference is the last answer."""
+    source = RecordSource(path, images, max_samples)
+    items = []
+    for i in range(len(source)):
+        record = source.get(i)
+        messages, _ = to_messages(record["conversations"])
+        items.append({
+            "id": str(record.get("id", f"#{i}")),
+            "prompt": messages[:-1],
+            "reference": messages[-1]["content"],
+            "image": str(Path(source.images) / record["image"]) if record.get("image") else None,
+            "category": str(record.get(category_key, "all")),
+        })
+    return items
+
+
+@torch.no_grad()
+def generate_answers(model, processor, encoder: ConversationEncoder, items: list[dict], *, batch_size: int,
+                     max_new_tokens: int, device, rank: int = 0, world_size: int = 1,
+                     progress: bool = True) -> list[dict]:
+    """Returns this rank's predictions: ``{"id", "category", "reference", "prediction"}``."""
+    mine = items[rank::world_size]
+    n_batches = -(-len(items) // (batch_size * world_size))
+    tok = processor.tokenizer
+    out = []
+    bar = tqdm(range(n_batches), desc="eval", disable=not progress or rank != 0, leave=False)
+    for b in bar:
+        chunk = mine[b * batch_size : (b + 1) * batch_size]
+        real = len(chunk)
+        if not chunk:  # this rank ran out: repeat its first batch so collectives stay in step
+            chunk = mine[:batch_size] or items[:1]
+        prompts = [encoder.prompt_ids(it["prompt"]) for it in chunk]
+        width = max(len(p) for p in prompts)
+        pad = tok.pad_token_id
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding: generation continues from the right edge
+            input_ids[row, width - len(p):] = torch.tensor(p)
+            attention[row, width - len(p):] = 1
+        images = [Image.open(it["image"]).convert("RGB") for it in chunk if it["image"]]
+        kwargs = {}
+        if images:
+            kwargs["pixel_values"] = processor.image_processor(images=images, return_tensors="pt")[
+                "pixel_values"].to(device=device, dtype=model.dtype)
+        generated = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, synced_gpus=world_size > 1, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+            **kwargs,
+        )
+        texts = tok.batch_decode(generated[:, width:], skip_special_tokens=True)
+        for it, text in zip(chunk[:real], texts[:real]):
+            out.append({"id": it["id"], "category": it["category"], "reference": it["reference"],
+                        "prediction": text.strip()})
+    return out
+
+
+def exact_match_scores(predictions: list[dict]) -> dict:
+    """Accuracy (in %) overall and per category; exact match after whitespace/case normalisation."""
+    hits, counts = defaultdict(int), defaultdict(int)
+    for p in predictions:
+        ok = normalize_answer(p["prediction"]) == normalize_answer(p["reference"])
+        for key in ("all", p["category"]):
+            hits[key] += ok
+            counts[key] += 1
+    return {k: {"accuracy": 100.0 * hits[k] / counts[k], "n": counts[k]} for k in sorted(counts)}
+
+
+def format_scores(scores: dict, title: str) -> str:
+    lines = [f"{title}", f"{'category':<12}{'accuracy':>10}{'n':>8}"]
+    order = ["all"] + [k for k in scores if k != "all"]
+    for k in order:
+        if k in scores:
+            lines.append(f"{k:<12}{scores[k]['accuracy']:>9.1f}%{scores[k]['n']:>8}")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, name: str, predictions: list[dict], scores: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{name}_predictions.jsonl", "w") as f:
+        for p in sorted(predictions, key=lambda p: p["id"]):
+            f.write(json.dumps(p) + "\n")
+    (out_dir / f"{name}_scores.json").write_text(json.dumps(scores, indent=2) + "\n")

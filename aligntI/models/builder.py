@@ -1,0 +1,150 @@
+"""Tiny random LLaVA models of the real classes, saved as ordinary HF model directories with processor.
+
+Used by the tests and the CPU example: ``AutoModelForImageTextToText`` / ``AutoProcessor`` load what this
+writes exactly as they load a hub checkpoint, so every code path downstream is the production one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    SiglipVisionConfig,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from aligntI.data.formatting import IMAGE_PLACEHOLDER, load_chat_template
+
+TEXT_CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}
+
+
+@dataclass
+class TextSpec:
+    family: Literal["qwen2", "qwen3", "llama"] = "qwen2"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+
+
+@dataclass
+class VisionSpec:
+    family: Literal["siglip", "clip"] = "siglip"
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 64
+    image_size: int = 32
+    patch_size: int = 8
+
+
+@dataclass
+class TinyModelSpec:
+    text: TextSpec = field(default_factory=TextSpec)
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    chat_template: str = "llava_v1_compact"
+    vocab_multiple: int = 1  # round the embedding rows up, as real checkpoints pad their vocabularies
+    seed: int = 0
+
+
+def wordlevel_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer trained on ``texts`` (the CPU example's corpus)."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_PLACEHOLDER]
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        extra_special_tokens={"image_token": IMAGE_PLACEHOLDER},
+    )
+
+
+def bytelevel_tokenizer() -> Qwen2Tokenizer:
+    """A Qwen2 byte-level tokenizer with no merges (lossless on any text; ENGINEERING §3)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {"<|endoftext|>": 0}
+    for ch in ByteLevel.alphabet():
+        vocab.setdefault(ch, len(vocab))
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", IMAGE_PLACEHOLDER]})
+    return tok
+
+
+def image_processor(vision: VisionSpec):
+    # PIL backends: no torchvision on CPU machines; AutoProcessor reloads the same class.
+    if vision.family == "siglip":
+        return SiglipImageProcessorPil(size={"height": vision.image_size, "width": vision.image_size})
+    size = {"height": vision.image_size, "width": vision.image_size}
+    return CLIPImageProcessorPil(size={"shortest_edge": vision.image_size}, crop_size=size)
+
+
+def build_processor(tokenizer, vision: VisionSpec, chat_template: str) -> LlavaProcessor:
+    # SigLIP has no CLS token: keep every patch ("full"); CLIP drops its CLS ("default").
+    siglip = vision.family == "siglip"
+    return LlavaProcessor(
+        image_processor=image_processor(vision),
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="full" if siglip else "default",
+        num_additional_image_tokens=0 if siglip else 1,
+        chat_template=load_chat_template(chat_template),
+        image_token=IMAGE_PLACEHOLDER,
+    )
+
+
+def build_model(spec: TinyModelSpec, tokenizer) -> LlavaForConditionalGeneration:
+    t, v = spec.text, spec.vision
+    vocab = -(-len(tokenizer) // spec.vocab_multiple) * spec.vocab_multiple
+    text_kwargs = dict(
+        vocab_size=vocab, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+        intermediate_size=t.intermediate_size, head_dim=t.hidden_size // t.num_heads,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_config = TEXT_CONFIGS[t.family](**text_kwargs)
+    vision_cls = SiglipVisionConfig if v.family == "siglip" else CLIPVisionConfig
+    vision_config = vision_cls(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full" if v.family == "siglip" else "default",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config)
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return model
+
+
+def write_model_dir(out_dir: str | Path, spec: TinyModelSpec, tokenizer) -> Path:
+    """Build a random model of ``spec`` and save it with its processor as an HF directory."""
+    out_dir = Path(out_dir)
+    processor = build_processor(tokenizer, spec.vision, spec.chat_template)
+    model = build_model(spec, tokenizer)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,242 @@
+"""Supervised fine-tuning of a LLaVA-style model on DeepSpeed: the loop every distillation recipe extends.
+
+Per optimizer step: fetch the step's micro-batches, count their response tokens over all ranks, run
+forward/backward per micro-batch with the loss sum scaled to the global-batch token mean, step.
+Checkpoints every ``train.save_every`` steps; ``resume: auto`` restarts from the newest complete one with
+the same data order, RNG and schedule. At the end: HF export, loss curve, optional evaluation.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from aligntI import engine as ds
+from aligntI.config import RecipeConfig, dump_yaml, resolve_batching
+from aligntI.data.dataset import model_inputs
+from aligntI.data.loader import build_encoder, build_train_loader
+from aligntI.eval.generation import (
+    exact_match_scores,
+    format_scores,
+    generate_answers,
+    load_eval_items,
+    write_results,
+)
+from aligntI.losses.sft import response_ce_sum
+from aligntI.models.loading import load_model, load_processor, param_groups, set_trainable
+from aligntI.training.accounting import micro_loss_scale
+from aligntI.training.metrics import MetricsLog, plot_loss_curve
+from aligntI.training.schedule import cosine_with_warmup, warmup_steps_for
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class SFTRecipe:
+    def __init__(self, cfg: RecipeConfig, overrides: list[str] | None = None):
+        self.cfg = cfg
+        self.overrides = overrides or []
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = ds.init_distributed()
+        self.batching = resolve_batching(cfg.train, self.dist.world_size)
+        self.ds_config = ds.build_ds_config(cfg.engine, self.batching)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.run_dir / "config.yaml", extra={
+                "world_size": self.dist.world_size,
+                "gradient_accumulation_steps": self.batching.gradient_accumulation_steps,
+                "overrides": self.overrides,
+                "deepspeed": self.ds_config,
+            })
+        ds.barrier()
+        seed_everything(cfg.seed + self.dist.rank)
+
+        self.processor = load_processor(cfg.model.path)
+        dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        with ds.sharded_loading(self.ds_config):
+            model = load_model(cfg.model.path, cfg.model.attn_implementation, dtype)
+        self.trainable = set_trainable(model, cfg.model.trainable)
+        if cfg.model.activation_checkpointing:
+            model.activation_checkpointing_enable()
+        model.config.use_cache = False
+
+        # The data order is fixed by (seed, epoch): resuming needs only the step we restart from.
+        self.start_step = 0
+        resume_tag = ds.latest_complete_checkpoint(self.ckpt_dir) if cfg.resume == "auto" else None
+        if resume_tag is not None:
+            self.start_step = torch.load(self.ckpt_dir / resume_tag / "trainer_state.pt", weights_only=False)["step"]
+        per_rank_step = self.batching.micro_batch_size * self.batching.gradient_accumulation_steps
+        self.loader, sampler = build_train_loader(
+            self.processor, cfg.data, seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+            micro_batch_size=self.batching.micro_batch_size, global_batch_size=self.batching.global_batch_size,
+            start_sample=self.start_step * per_rank_step,
+        )
+        self.steps_per_epoch = sampler.steps_per_epoch
+        if cfg.train.max_steps is not None:
+            self.total_steps = cfg.train.max_steps
+        else:
+            self.total_steps = max(1, int(cfg.train.epochs * self.steps_per_epoch))
+        warmup = warmup_steps_for(self.total_steps, cfg.optim.warmup_ratio)
+        self.student = ds.StudentEngine(
+            model, param_groups(model, cfg.optim), cfg.optim, self.ds_config,
+            cosine_with_warmup(self.total_steps, warmup, cfg.optim.min_lr_ratio),
+        )
+        self.skips = {"bad": 0, "too_long": 0}
+        self.truncated = 0
+        if resume_tag is not None:
+            self._resume(resume_tag)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step) if self.dist.is_main else None
+        self.log(f"world {self.dist.world_size} | micro {self.batching.micro_batch_size} x accum "
+                 f"{self.batching.gradient_accumulation_steps} x ranks = global {self.batching.global_batch_size} | "
+                 f"{self.total_steps} steps ({self.steps_per_epoch}/epoch) | trainable "
+                 f"{ {k: v for k, v in self.trainable.items() if v} } | bf16 {self.ds_config['bf16']['enabled']}")
+
+    def _resume(self, tag: str) -> None:
+        self.student.load_checkpoint(self.ckpt_dir, tag)
+        state = torch.load(self.ckpt_dir / tag / "trainer_state.pt", weights_only=False)
+        self.skips, self.truncated = state["skips"], state["truncated"]
+        set_rng_state(torch.load(self.ckpt_dir / tag / f"rng_rank{self.dist.rank}.pt", weights_only=False))
+        self.log(f"resumed from {self.ckpt_dir / tag} at step {self.start_step}")
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> None:
+        batches = iter(self.loader)
+        accum = self.batching.gradient_accumulation_steps
+        self.student.train()
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc="train", disable=not self.dist.is_main,
+                   dynamic_ncols=True)
+        for step in range(self.start_step, self.total_steps):
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(accum)]
+            local = [float((mb["labels"][:, 1:] != -100).sum()) for mb in micro]
+            global_tokens = ds.all_reduce_sum([sum(local)], self.dist.device)[0]
+            if global_tokens == 0:
+                self.log(f"step {step + 1}: no response tokens in the whole global batch; loss is 0 for this step")
+            scale = micro_loss_scale(global_tokens, self.dist.world_size, accum)
+            loss_sum, seen_tokens = 0.0, 0
+            for mb in micro:
+                out = self.student(**self._to_device(model_inputs(mb)), use_cache=False)
+                ce_sum, _ = response_ce_sum(out.logits, mb["labels"].to(self.dist.device))
+                self.student.backward(ce_sum * scale)
+                self.student.step()
+                loss_sum += float(ce_sum.detach())
+                seen_tokens += int(mb["attention_mask"].sum())
+                self._count(mb)
+            loss_total, tokens_total = ds.all_reduce_sum([loss_sum, seen_tokens], self.dist.device)
+            elapsed = time.perf_counter() - t0
+            record = {
+                "step": step + 1,
+                "loss": loss_total / max(global_tokens, 1.0),
+                "lr": self.student.lrs(),
+                "grad_norm": self.student.grad_norm(),
+                "tokens_per_s": tokens_total / elapsed,
+                "response_tokens": global_tokens,
+                "step_time_s": elapsed,
+            }
+            if self.dist.is_main:
+                if (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.total_steps:
+                    self.metrics.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{next(iter(record['lr'].values())):.2e}")
+            save_every = self.cfg.train.save_every
+            if save_every and (step + 1) % save_every == 0 and step + 1 < self.total_steps:
+                self.save_checkpoint(step + 1)
+        bar.close()
+        if self.start_step < self.total_steps:  # a finished run resumed again has nothing new to save
+            self.save_checkpoint(self.total_steps)
+
+    def _to_device(self, inputs: dict) -> dict:
+        dtype = self.student.module.dtype
+        out = {k: v.to(self.dist.device) for k, v in inputs.items()}
+        out["pixel_values"] = out["pixel_values"].to(dtype)
+        return out
+
+    def _count(self, mb: dict) -> None:
+        for skip in mb["skips"]:
+            self.skips[skip.kind] += 1
+            if self.skips[skip.kind] <= 5:
+                print(f"[rank {self.dist.rank}] skipped ({skip.kind}): {skip.message}", flush=True)
+        self.truncated += mb["truncated"]
+
+    def save_checkpoint(self, step: int) -> None:
+        tag = f"step_{step:08d}"
+        files = {f"rng_rank{self.dist.rank}.pt": rng_state()}
+        if self.dist.is_main:
+            files["trainer_state.pt"] = {"step": step, "skips": self.skips, "truncated": self.truncated}
+        self.student.save_checkpoint(self.ckpt_dir, tag, files, self.dist.rank)
+        if self.dist.is_main:
+            ds.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
+        self.log(f"checkpoint {self.ckpt_dir / tag}")
+
+    # ------------------------------------------------------------------ finish
+
+    def finish(self) -> dict | None:
+        skipped = ds.all_reduce_sum([self.skips["bad"], self.skips["too_long"], self.truncated], self.dist.device)
+        self.log(f"data: {int(skipped[0])} bad samples skipped, {int(skipped[1])} too long skipped, "
+                 f"{int(skipped[2])} truncated (all ranks, this session)")
+        final = self.run_dir / "final"
+        self.student.export_hf(final, self.processor, self.dist.rank)
+        self.log(f"exported HF model to {final}")
+        if self.dist.is_main:
+            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+        scores = self.evaluate() if self.cfg.eval is not None else None
+        ds.barrier()
+        return scores
+
+    def evaluate(self) -> dict:
+        ev = self.cfg.eval
+        items = load_eval_items(ev.data, ev.images, ev.category_key, ev.max_samples)
+        encoder = build_encoder(self.processor, self.cfg.data)
+        self.student.eval()
+        preds = generate_answers(
+            self.student.module, self.processor, encoder, items, batch_size=ev.batch_size,
+            max_new_tokens=ev.max_new_tokens, device=self.dist.device, rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        gathered = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(gathered, preds)
+        if not self.dist.is_main:
+            return {}
+        allp = [p for part in gathered for p in part]
+        scores = exact_match_scores(allp)
+        write_results(self.run_dir / "eval", Path(ev.data).stem, allp, scores)
+        print(format_scores(scores, f"exact match on {ev.data} ({len(allp)} samples)"), flush=True)
+        return scores
+
+    def log(self, msg: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(f"[aligntI] {msg}")
+
+
+def run(cfg: RecipeConfig, overrides: list[str] | None = None) -> dict | None:
+    recipe = SFTRecipe(cfg, overrides)
+    recipe.setup()
+    recipe.train()
+    scores = recipe.finish()
+    ds.destroy()
+    return scores

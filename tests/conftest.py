@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny real tokenizers, processors, LLaVA model directories and DigitGrid data on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _single_process_env(monkeypatch):
+    """In-process code that starts torch.distributed gets a fresh one-rank group on its own port."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    yield
+    import torch.distributed
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    from aligntI.models.builder import wordlevel_tokenizer
+    from aligntI.tasks.digitgrid import vocabulary
+
+    return wordlevel_tokenizer(["USER: ASSISTANT: hello world is the image fine", " ".join(vocabulary())])
+
+
+@pytest.fixture(scope="session")
+def digitgrid(tmp_path_factory):
+    """A small DigitGrid dataset with its tokenizer (the CLI path users run)."""
+    from aligntI.cli import main
+
+    out = tmp_path_factory.mktemp("digitgrid")
+    assert main(["digitgrid", "--out", str(out), "--train-size", "320", "--val-size", "16",
+                 "--test-size", "48"]) == 0
+    return out
+
+
+def write_tiny_model(out: Path, tokenizer_dir: Path, **text) -> Path:
+    """A fast tiny teacher-shaped model (CLI path)."""
+    import yaml
+
+    from aligntI.cli import main
+
+    spec = {
+        "text": {"family": "qwen2", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                 "intermediate_size": 64, **text},
+        "vision": {"family": "siglip", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                   "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+        "chat_template": "llava_v1_compact",
+    }
+    spec_path = out.with_suffix(".yaml")
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert main(["init-model", "--spec", str(spec_path), "--tokenizer", str(tokenizer_dir), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(digitgrid, tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny", digitgrid / "tokenizer")
+
+
+def write_recipe(path: Path, model_dir: Path, data_dir: Path, run_dir: Path, ds_config: str, **sections) -> Path:
+    """A recipe YAML for the tests, written like a user would write one."""
+    import yaml
+
+    recipe = {
+        "run_dir": str(run_dir),
+        "seed": 0,
+        "model": {"path": str(model_dir), "trainable": ["projector", "llm"]},
+        "data": {"train": [{"path": str(data_dir / "train.json")}], "chat_template": "llava_v1_compact",
+                 "max_length": 64, "num_workers": 0},
+        "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup_ratio": 0.1},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 12, "save_every": 0},
+        "engine": {"ds_config": ds_config, "zero_stage": 3},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text("# test recipe\n" + yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def zero3_partitioned(tmp_path_factory) -> str:
+    """ZeRO-3 with every parameter partitioned (tiny models would otherwise stay below the threshold)."""
+    cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path_factory.mktemp("ds") / "zero3_partitioned.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def launcher_cmd(launcher: str, nproc: int = 2) -> list[str]:
+    port = str(free_port())
+    if launcher == "deepspeed":
+        return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc), "--master_port", port]
+    if launcher == "torchrun":
+        return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(nproc),
+                "--master_port", port]
+    return [sys.executable]
+
+
+def launch_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def launch(args: list[str], launcher: str = "deepspeed", nproc: int = 2, timeout: int = 600,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``recipes/train.py`` (or another module) on ``nproc`` CPU ranks with a real launcher."""
+    cmd = launcher_cmd(launcher, nproc)
+    proc = subprocess.run(cmd + args, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd + args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc

@@ -1,0 +1,148 @@
+"""Strict recipe loading: unknown keys, wrong types and inconsistent values are errors naming the key."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aligntI.config import ConfigError, RecipeConfig, from_dict, load_recipe, resolve_batching
+from aligntI.models.builder import TinyModelSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "run_dir": "runs/x",
+    "model": {"path": "m"},
+    "data": {"train": [{"path": "d.json"}]},
+    "optim": {"lr": 1e-3},
+    "train": {"global_batch_size": 32, "micro_batch_size": 4, "max_steps": 10},
+    "engine": {"ds_config": str(REPO / "ds_configs" / "zero3.json"), "zero_stage": 3},
+}
+
+
+def write(tmp_path, data, header="# test\n"):
+    path = tmp_path / "r.yaml"
+    path.write_text(header + yaml.safe_dump(data))
+    return path
+
+
+def error_of(tmp_path, data, overrides=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write(tmp_path, data), overrides)
+    return str(info.value)
+
+
+def test_valid_recipe_loads_with_defaults(tmp_path):
+    cfg = load_recipe(write(tmp_path, BASE))
+    assert cfg.model.trainable == ["projector", "llm"]  # vision tower frozen by default
+    assert cfg.optim.lr == pytest.approx(1e-3)  # YAML reads "1e-3" as a string; floats accept it
+    assert cfg.data.on_bad_sample == "error"
+
+
+@pytest.mark.parametrize("patch, key", [
+    ({"model": {"path": "m", "pathh": "x"}}, "model.pathh"),
+    ({"data": {"train": [{"path": "d.json", "wieght": 2}]}}, "data.train.0.wieght"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_unknown_key_is_named(tmp_path, patch, key):
+    msg = error_of(tmp_path, {**BASE, **patch})
+    assert f"{key}: unknown key" in msg and "r.yaml" in msg
+
+
+@pytest.mark.parametrize("patch, key, fragment", [
+    ({"train": {**BASE["train"], "micro_batch_size": "four"}}, "train.micro_batch_size", "expected an integer"),
+    ({"train": {**BASE["train"], "micro_batch_size": 4.5}}, "train.micro_batch_size", "expected an integer"),
+    ({"model": {"path": "m", "activation_checkpointing": "yes"}}, "model.activation_checkpointing", "true/false"),
+    ({"data": {"train": [{"path": "d.json"}], "padding_side": "middle"}}, "data.padding_side", "not one of"),
+    ({"engine": {**BASE["engine"], "zero_stage": "3"}}, "engine.zero_stage", "not one of"),
+    ({"optim": {"lr": "fast"}}, "optim.lr", "expected a number"),
+    ({"data": {"train": {"path": "d.json"}}}, "data.train", "expected a list"),
+])
+def test_wrong_type_is_named(tmp_path, patch, key, fragment):
+    msg = error_of(tmp_path, {**BASE, **patch})
+    assert key in msg and fragment in msg
+
+
+def test_missing_required_key(tmp_path):
+    data = {k: v for k, v in BASE.items() if k != "optim"}
+    assert "optim: required key is missing" in error_of(tmp_path, data)
+
+
+def test_inconsistent_values(tmp_path):
+    assert "give exactly one" in error_of(tmp_path, {**BASE, "train": {**BASE["train"], "epochs": 1}})
+    assert "model.trainable: unknown part 'decoder'" in error_of(
+        tmp_path, {**BASE, "model": {"path": "m", "trainable": ["decoder"]}})
+    assert "optim.warmup_ratio" in error_of(tmp_path, {**BASE, "optim": {"lr": 1e-3, "warmup_ratio": 1.5}})
+
+
+def test_zero_stage_must_match_ds_json(tmp_path):
+    engine = {"ds_config": str(REPO / "ds_configs" / "zero2.json"), "zero_stage": 3}
+    msg = error_of(tmp_path, {**BASE, "engine": engine})
+    assert "engine.zero_stage" in msg and "zero_optimization.stage=2" in msg
+
+
+def test_ds_json_may_not_own_recipe_keys(tmp_path):
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-4}}
+    ds["train_batch_size"] = 16
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    msg = error_of(tmp_path, {**BASE, "engine": {"ds_config": str(path), "zero_stage": 3}})
+    assert "optimizer" in msg and "train_batch_size" in msg
+
+
+def test_ds_json_auto_values_rejected(tmp_path):
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_prefetch_bucket_size"] = "auto"
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    msg = error_of(tmp_path, {**BASE, "engine": {"ds_config": str(path), "zero_stage": 3}})
+    assert "zero_optimization.stage3_prefetch_bucket_size is 'auto'" in msg
+
+
+def test_overrides(tmp_path):
+    cfg = load_recipe(write(tmp_path, BASE), ["optim.lr=2e-5", "data.train.0.weight=0.5", "train.epochs=null",
+                                               "data.train.0.max_samples=100"])
+    assert cfg.optim.lr == pytest.approx(2e-5)
+    assert cfg.data.train[0].weight == 0.5 and cfg.data.train[0].max_samples == 100
+    assert "optim.lrr: unknown key" in error_of(tmp_path, BASE, ["optim.lrr=1"])
+    assert "not an index" in error_of(tmp_path, BASE, ["data.train.3.weight=1"])
+    assert "expected an integer" in error_of(tmp_path, BASE, ["train.max_steps=abc"])
+
+
+def test_batching_arithmetic():
+    cfg = from_dict(RecipeConfig, BASE)
+    assert resolve_batching(cfg.train, 4).gradient_accumulation_steps == 2
+    with pytest.raises(ConfigError, match="train.global_batch_size: 32 is not divisible"):
+        resolve_batching(cfg.train, 3)
+    cfg.train.gradient_accumulation_steps = 4
+    with pytest.raises(ConfigError, match="train.gradient_accumulation_steps: micro_batch_size 4 x "
+                                          "gradient_accumulation_steps 4 x world size 4 = 64"):
+        resolve_batching(cfg.train, 4)
+    assert resolve_batching(cfg.train, 2).global_batch_size == 32
+
+
+def all_yamls():
+    return sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert any(p.parent.name == "mini" for p in all_yamls())
+
+
+@pytest.mark.parametrize("path", all_yamls(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_recipe_yaml_validates_and_documents_itself(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes use paths relative to the repository root
+    lines = path.read_text().splitlines()
+    header = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert header, f"{path} must open with a comment: purpose, prerequisites, command"
+    assert any("Command:" in h for h in header) and any("Needs:" in h for h in header), path
+    if path.parent.name == "models":
+        from_dict(TinyModelSpec, yaml.safe_load(path.read_text()))
+    else:
+        load_recipe(path)
