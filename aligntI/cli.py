@@ -51,18 +51,10 @@ def cmd_init_model(args) -> int:
 
 def cmd_eval(args) -> int:
     """Greedy generation + exact match for an HF model directory (one process or under torchrun)."""
-    import torch
-
     from aligntI import engine as ds
     from aligntI.config import AttentionConfig, DataConfig, DataSource
     from aligntI.data.loader import build_encoder
-    from aligntI.eval.generation import (
-        exact_match_scores,
-        format_scores,
-        generate_answers,
-        load_eval_items,
-        write_results,
-    )
+    from aligntI.eval.generation import evaluate_exact_match, load_eval_items
     from aligntI.models.loading import load_model, load_processor
 
     dist = ds.init_distributed()
@@ -70,17 +62,12 @@ def cmd_eval(args) -> int:
     model = load_model(args.model, AttentionConfig(args.attn, args.attn)).to(dist.device).eval()
     data = DataConfig(train=[DataSource(args.data)], chat_template=args.chat_template, max_length=10**9)
     items = load_eval_items(args.data, args.images, args.category_key, args.max_samples)
-    preds = generate_answers(model, processor, build_encoder(processor, data), items, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, device=dist.device, rank=dist.rank,
-                             world_size=dist.world_size)
-    gathered = [None] * dist.world_size
-    torch.distributed.all_gather_object(gathered, preds)
-    if dist.is_main:
-        allp = [p for part in gathered for p in part]
-        scores = exact_match_scores(allp)
-        out = Path(args.out) if args.out else Path(args.model) / "eval"
-        write_results(out, Path(args.data).stem, allp, scores)
-        print(format_scores(scores, f"{args.model}: exact match on {args.data} ({len(allp)} samples)"))
+    evaluate_exact_match(
+        model, processor, build_encoder(processor, data), items, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, device=dist.device, rank=dist.rank, world_size=dist.world_size,
+        out_dir=Path(args.out) if args.out else Path(args.model) / "eval", name=Path(args.data).stem,
+        title=args.model,
+    )
     ds.destroy()
     return 0
 

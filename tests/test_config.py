@@ -146,3 +146,16 @@ def test_every_recipe_yaml_validates_and_documents_itself(path, monkeypatch):
         from_dict(TinyModelSpec, yaml.safe_load(path.read_text()))
     else:
         load_recipe(path)
+
+
+def test_shipped_ds_configs_differ_only_where_documented():
+    load = lambda name: json.loads((REPO / "ds_configs" / name).read_text())  # noqa: E731
+    gpu, cpu, offload = load("zero3.json"), load("zero3_cpu.json"), load("zero3_offload.json")
+    assert cpu["zero_optimization"].pop("stage3_param_persistence_threshold") == 0
+    gpu["zero_optimization"].pop("stage3_param_persistence_threshold")
+    assert cpu == gpu
+    assert offload["zero_optimization"].pop("offload_optimizer")["device"] == "cpu"
+    assert offload["zero_optimization"].pop("offload_param")["device"] == "cpu"
+    offload["zero_optimization"].pop("stage3_param_persistence_threshold")
+    assert offload == gpu
+    assert load("zero2.json")["zero_optimization"]["stage"] == 2

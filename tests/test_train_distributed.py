@@ -26,12 +26,28 @@ def mixed_data(digitgrid, tmp_path_factory):
     return out / "text.jsonl"
 
 
+def image_free_on_one_rank_only(digitgrid, mixed_data, steps: int) -> int:
+    """How many (step, micro-batch) slots have an image-free batch on one rank and images on the other."""
+    from aligntI.data.records import MixedRecords, RecordSource, ShardedResumableSampler
+
+    records = MixedRecords([RecordSource(digitgrid / "train.json"), RecordSource(mixed_data)], [1.0, 4.0], seed=0)
+    text_start = len(records.sources[0])
+    streams = []
+    for rank in range(2):
+        it = iter(ShardedResumableSampler(records, rank, 2, global_batch_size=8))
+        streams.append([next(it) >= text_start for _ in range(4 * steps)])  # 2 micro x 2 samples per step
+    micro = [[all(s[i:i + 2]) for i in range(0, len(s), 2)] for s in streams]
+    return sum(a != b for a, b in zip(*micro))
+
+
 def test_zero3_two_ranks_trains_exports_and_reloads(tmp_path, tiny_model, digitgrid, mixed_data, zero3_partitioned):
+    # The hang scenario of ENGINEERING 4d must actually occur in this run.
+    assert image_free_on_one_rank_only(digitgrid, mixed_data, steps=30) > 0
     run_dir = tmp_path / "run"
     recipe = write_recipe(
         tmp_path / "r.yaml", tiny_model, digitgrid, run_dir, zero3_partitioned,
         model={"activation_checkpointing": True},
-        data={"train": [{"path": str(digitgrid / "train.json")}, {"path": str(mixed_data), "weight": 1.0}]},
+        data={"train": [{"path": str(digitgrid / "train.json")}, {"path": str(mixed_data), "weight": 4.0}]},
         optim={"lr": 3e-3, "projector_lr": 6e-3},
         train={"max_steps": 30, "save_every": 10},
         eval={"data": str(digitgrid / "test.json"), "max_new_tokens": 4, "batch_size": 8},
@@ -78,6 +94,13 @@ def test_zero3_two_ranks_trains_exports_and_reloads(tmp_path, tiny_model, digitg
                                AutoModelForImageTextToText.from_pretrained(tiny_model)(**inputs).logits)
         out = exported.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
+
+    # The reloaded export, evaluated in one process with other batch shapes and padding, answers exactly as
+    # the ZeRO-3-sharded evaluation inside the 2-rank run did.
+    launch(["-m", "aligntI.cli", "eval", "--model", str(run_dir / "final"), "--data", str(digitgrid / "test.json"),
+            "--max-new-tokens", "4", "--batch-size", "5", "--out", str(tmp_path / "reeval")], launcher="python")
+    again = (tmp_path / "reeval" / "test_predictions.jsonl").read_text()
+    assert again == (run_dir / "eval" / "test_predictions.jsonl").read_text()
 
 
 def test_interrupted_run_resumes_with_identical_losses(tmp_path, tiny_model, digitgrid, zero3_partitioned):

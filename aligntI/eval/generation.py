@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.distributed
 from PIL import Image
 from tqdm import tqdm
 
@@ -107,3 +108,20 @@ def write_results(out_dir: Path, name: str, predictions: list[dict], scores: dic
         for p in sorted(predictions, key=lambda p: p["id"]):
             f.write(json.dumps(p) + "\n")
     (out_dir / f"{name}_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+
+
+def evaluate_exact_match(model, processor, encoder: ConversationEncoder, items: list[dict], *, batch_size: int,
+                         max_new_tokens: int, device, rank: int, world_size: int, out_dir: Path, name: str,
+                         title: str) -> dict | None:
+    """Generate on every rank, gather on rank 0, score, write and print; returns the scores on rank 0."""
+    preds = generate_answers(model, processor, encoder, items, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, device=device, rank=rank, world_size=world_size)
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, preds)
+    if rank != 0:
+        return None
+    everything = [p for part in gathered for p in part]
+    scores = exact_match_scores(everything)
+    write_results(Path(out_dir), name, everything, scores)
+    print(format_scores(scores, f"{title}: exact match on {name} ({len(everything)} samples)"), flush=True)
+    return scores

@@ -9,6 +9,7 @@ the same data order, RNG and schedule. At the end: HF export, loss curve, option
 from __future__ import annotations
 
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -20,13 +21,7 @@ from aligntI import engine as ds
 from aligntI.config import RecipeConfig, dump_yaml, resolve_batching
 from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_encoder, build_train_loader
-from aligntI.eval.generation import (
-    exact_match_scores,
-    format_scores,
-    generate_answers,
-    load_eval_items,
-    write_results,
-)
+from aligntI.eval.generation import evaluate_exact_match, load_eval_items
 from aligntI.losses.sft import response_ce_sum
 from aligntI.models.loading import load_model, load_processor, param_groups, set_trainable
 from aligntI.training.accounting import micro_loss_scale
@@ -129,7 +124,7 @@ class SFTRecipe:
         accum = self.batching.gradient_accumulation_steps
         self.student.train()
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc="train", disable=not self.dist.is_main,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)  # files: a line per 30 s
         for step in range(self.start_step, self.total_steps):
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
@@ -208,25 +203,17 @@ class SFTRecipe:
         ds.barrier()
         return scores
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict | None:
+        """Greedy generation on the held-out file with the sharded engine; scores on rank 0."""
         ev = self.cfg.eval
         items = load_eval_items(ev.data, ev.images, ev.category_key, ev.max_samples)
-        encoder = build_encoder(self.processor, self.cfg.data)
         self.student.eval()
-        preds = generate_answers(
-            self.student.module, self.processor, encoder, items, batch_size=ev.batch_size,
-            max_new_tokens=ev.max_new_tokens, device=self.dist.device, rank=self.dist.rank,
-            world_size=self.dist.world_size,
+        return evaluate_exact_match(
+            self.student.module, self.processor, build_encoder(self.processor, self.cfg.data), items,
+            batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, device=self.dist.device,
+            rank=self.dist.rank, world_size=self.dist.world_size, out_dir=self.run_dir / "eval",
+            name=Path(ev.data).stem, title=str(self.run_dir),
         )
-        gathered = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(gathered, preds)
-        if not self.dist.is_main:
-            return {}
-        allp = [p for part in gathered for p in part]
-        scores = exact_match_scores(allp)
-        write_results(self.run_dir / "eval", Path(ev.data).stem, allp, scores)
-        print(format_scores(scores, f"exact match on {ev.data} ({len(allp)} samples)"), flush=True)
-        return scores
 
     def log(self, msg: str) -> None:
         if self.dist.is_main:
