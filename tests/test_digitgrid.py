@@ -1,13 +1,12 @@
+"""DigitGrid: determinism, disjoint splits, correct answers, vocabulary, image layout."""
+
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout without install
 
 from aligntI.tasks import digitgrid as dg
 

@@ -1,0 +1,218 @@
+"""Conversation → token ids and the position masks every loss needs (SPEC §2).
+
+The text is rendered by the processor's chat template, never by string surgery. To know which
+characters came from which message, the template is rendered once more with each message replaced by
+a sentinel; the two renders must agree, so a template that edits message text is refused rather than
+mis-labelled. Tokens are then classified by their character offsets:
+
+* **response**: what the model must generate after the template's generation prompt: from the end of
+  the prompt rendered for the turns before it to the end of the answer, plus the special token the
+  template closes the turn with (end-of-turn);
+* **instruction**: the user's own text in turns that come after the image, minus the ``<image>``
+  placeholder and surrounding whitespace (no system prompt, no role tags);
+* **vision**: the image-token ids, expanded to the number of visual tokens per image, exactly as the
+  processor expands them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_PLACEHOLDER = "<image>"  # what LLaVA-format data writes where the image goes
+ROLE_OF = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+class FormatError(ValueError):
+    """A sample cannot be formatted; the message says why (the caller adds file and id)."""
+
+
+class TooLongError(FormatError):
+    """A sample cannot be cut to ``max_length`` without cutting through image or prompt tokens."""
+
+
+def load_chat_template(name_or_path: str) -> str:
+    """A shipped template by name (``llava_v1``, ``llava_v1_compact``) or a ``.jinja`` file path."""
+    path = Path(name_or_path)
+    if path.suffix == ".jinja":
+        if not path.is_file():
+            raise FileNotFoundError(f"chat template file not found: {path}")
+        return path.read_text()
+    shipped = resources.files("aligntI.data") / "templates" / f"{name_or_path}.jinja"
+    if not shipped.is_file():
+        names = sorted(p.name.removesuffix(".jinja") for p in (resources.files("aligntI.data") / "templates").iterdir())
+        raise FileNotFoundError(f"unknown chat template {name_or_path!r}; shipped: {names}, or give a .jinja path")
+    return shipped.read_text()
+
+
+def to_messages(conversations) -> tuple[list[dict], int]:
+    """LLaVA ``conversations`` → chat messages; checks roles and returns the number of ``<image>`` tags."""
+    if not isinstance(conversations, list) or not conversations:
+        raise FormatError("'conversations' must be a non-empty list of turns")
+    messages, n_images = [], 0
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+            raise FormatError(f"turn {i} must be an object with string 'from' and 'value'")
+        role = ROLE_OF.get(turn["from"])
+        if role is None:
+            raise FormatError(f"turn {i} has unknown role {turn['from']!r} (expected human, gpt or system)")
+        messages.append({"role": role, "content": turn["value"]})
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles[0] == "system" else roles
+    expected = ["user", "assistant"] * (len(body) // 2)
+    if len(body) < 2 or len(body) % 2 or body != expected:
+        raise FormatError(f"roles must alternate human, gpt, ... and end with gpt (optionally after one system turn); got {roles}")
+    for i, m in enumerate(messages):
+        count = m["content"].count(IMAGE_PLACEHOLDER)
+        if count and m["role"] != "user":
+            raise FormatError(f"turn {i} ({m['role']}) contains {IMAGE_PLACEHOLDER}; only human turns may")
+        n_images += count
+    return messages, n_images
+
+
+@dataclass
+class Encoded:
+    """One sample as arrays of equal length (no padding yet)."""
+
+    input_ids: np.ndarray  # int64 [L]
+    labels: np.ndarray  # int64 [L], -100 outside response positions
+    vision_mask: np.ndarray  # bool [L]
+    instruction_mask: np.ndarray  # bool [L]
+    response_mask: np.ndarray  # bool [L]; equals labels != -100
+    truncated: bool = False
+
+
+class ConversationEncoder:
+    """Renders, tokenises and labels conversations for one tokenizer, template and image-token count."""
+
+    def __init__(self, tokenizer, chat_template: str, image_token: str, image_token_id: int,
+                 num_image_tokens: int, max_length: int):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.image_token = image_token
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a generation prompt (for evaluation), images expanded like in training."""
+        text = self.render(self._with_image_token(messages), add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._expand_images(np.asarray(ids, dtype=np.int64))[0].tolist()
+
+    def encode(self, messages: list[dict]) -> Encoded:
+        messages = self._with_image_token(messages)
+        text, spans = self._render_with_spans(messages)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+
+        response = np.zeros(len(ids), dtype=bool)
+        instruction = np.zeros(len(ids), dtype=bool)
+        is_image = ids == self.image_token_id
+        first_image = int(np.argmax(is_image)) if is_image.any() else None
+        for kind, a, b in spans:
+            hit = (starts < b) & (ends > a) & (ends > starts)
+            if kind == "instruction":
+                instruction |= hit
+            else:
+                if not hit.any():
+                    continue
+                response |= hit
+                close = int(np.nonzero(hit)[0][-1]) + 1
+                if close >= len(ids) or int(ids[close]) not in self.special_ids:
+                    raise FormatError(
+                        "the chat template must close each assistant turn with a special end-of-turn token "
+                        f"right after the answer; found {self.tokenizer.decode(ids[close:close + 1])!r}"
+                    )
+                response[close] = True
+        instruction &= ~is_image
+        if first_image is None:
+            instruction[:] = False  # no image: no instruction-to-vision interaction to align
+        else:
+            instruction[:first_image] = False  # turns before the image cannot see it
+
+        ids, expand = self._expand_images(ids)
+        response, instruction = response[expand], instruction[expand]
+        vision = ids == self.image_token_id
+        labels = np.where(response, ids, -100)
+        out = Encoded(ids, labels, vision, instruction, response)
+        return self._truncate(out) if len(ids) > self.max_length else out
+
+    # -- internals
+
+    def _with_image_token(self, messages: list[dict]) -> list[dict]:
+        if self.image_token == IMAGE_PLACEHOLDER:
+            return messages
+        return [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.image_token)} for m in messages]
+
+    def _render_with_spans(self, messages: list[dict]) -> tuple[str, list[tuple[str, int, int]]]:
+        sentinels = [f"\x00{i}\x00" for i in range(len(messages))]
+        marked = self.render([{**m, "content": s} for m, s in zip(messages, sentinels)])
+        spans, prompts, cursor, pieces = [], [], 0, []
+        for i, (m, s) in enumerate(zip(messages, sentinels)):
+            at = marked.find(s, cursor)
+            if at < 0:
+                raise FormatError(f"the chat template dropped message {i} ({m['role']})")
+            pieces.append(marked[cursor:at])
+            start = sum(len(p) for p in pieces)
+            pieces.append(m["content"])
+            cursor = at + len(s)
+            if m["role"] == "user":
+                for a, b in _text_spans(m["content"], self.image_token):
+                    spans.append(("instruction", start + a, start + b))
+            elif m["role"] == "assistant":
+                prompt = self.render(messages[:i], add_generation_prompt=True)
+                prompts.append(prompt)
+                spans.append(("response", len(prompt), start + len(m["content"])))
+        pieces.append(marked[cursor:])
+        text = "".join(pieces)
+        plain = self.render(messages)
+        if text != plain:
+            raise FormatError("the chat template changes message text (e.g. strips it); it cannot be labelled exactly")
+        if not all(plain.startswith(prompt) for prompt in prompts):
+            raise FormatError("the chat template's generation prompt is not a prefix of the rendered conversation")
+        return text, spans
+
+    def _expand_images(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Repeat each image token ``num_image_tokens`` times; also return the index map for masks."""
+        repeats = np.where(ids == self.image_token_id, self.num_image_tokens, 1)
+        index = np.repeat(np.arange(len(ids)), repeats)
+        return ids[index], index
+
+    def _truncate(self, enc: Encoded) -> Encoded:
+        """Cut to at most ``max_length`` where the kept part ends on a response token (SPEC §2)."""
+        limit = self.max_length
+        cut = limit
+        while cut > 0 and not enc.response_mask[cut - 1]:
+            cut -= 1
+        if cut == 0 or enc.vision_mask[cut:].any():
+            raise TooLongError(
+                f"{len(enc.input_ids)} tokens exceed max_length {limit} and no cut inside an answer keeps "
+                "every image token and at least one answer token"
+            )
+        keep = slice(0, cut)
+        return Encoded(enc.input_ids[keep], enc.labels[keep], enc.vision_mask[keep],
+                       enc.instruction_mask[keep], enc.response_mask[keep], truncated=True)
+
+
+def _text_spans(content: str, image_token: str) -> list[tuple[int, int]]:
+    """Character spans of the words in ``content`` around the image token (whitespace trimmed)."""
+    spans, pos = [], 0
+    for piece in content.split(image_token):
+        stripped = piece.strip()
+        if stripped:
+            a = pos + piece.index(stripped)
+            spans.append((a, a + len(stripped)))
+        pos += len(piece) + len(image_token)
+    return spans

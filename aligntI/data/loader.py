@@ -1,0 +1,57 @@
+"""Build the training DataLoader of one rank from the recipe's ``data`` section."""
+
+from __future__ import annotations
+
+import torch.utils.data
+
+from aligntI.config import DataConfig
+from aligntI.data.dataset import Collator, LlavaDataset, image_shape
+from aligntI.data.formatting import ConversationEncoder, load_chat_template
+from aligntI.data.records import MixedRecords, RecordSource, ShardedResumableSampler
+from aligntI.models.loading import num_image_tokens
+
+
+def build_encoder(processor, data: DataConfig) -> ConversationEncoder:
+    template = load_chat_template(data.chat_template) if data.chat_template else processor.chat_template
+    if not template:
+        raise ValueError("data.chat_template is not set and the processor has no chat template")
+    return ConversationEncoder(
+        tokenizer=processor.tokenizer,
+        chat_template=template,
+        image_token=processor.image_token,
+        image_token_id=processor.image_token_id,
+        num_image_tokens=num_image_tokens(processor),
+        max_length=data.max_length,
+    )
+
+
+def build_collator(processor, encoder: ConversationEncoder, padding_side: str) -> Collator:
+    pad = processor.tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has no pad token; set one in the model directory's tokenizer config")
+    return Collator(pad, encoder.image_token_id, encoder.num_image_tokens,
+                    image_shape(processor.image_processor), padding_side)
+
+
+def build_records(data: DataConfig, seed: int) -> MixedRecords:
+    sources = [RecordSource(s.path, s.images, s.max_samples) for s in data.train]
+    return MixedRecords(sources, [s.weight for s in data.train], seed)
+
+
+def build_train_loader(processor, data: DataConfig, *, seed: int, rank: int, world_size: int,
+                       micro_batch_size: int, global_batch_size: int, start_sample: int = 0):
+    """Returns ``(loader, sampler)``; the loader is endless and starts after ``start_sample`` of this rank."""
+    encoder = build_encoder(processor, data)
+    records = build_records(data, seed)
+    dataset = LlavaDataset(records, encoder, processor.image_processor, data.on_bad_sample)
+    sampler = ShardedResumableSampler(records, rank, world_size, global_batch_size, start_sample)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=micro_batch_size,
+        sampler=sampler,
+        num_workers=data.num_workers,
+        collate_fn=build_collator(processor, encoder, data.padding_side),
+        persistent_workers=data.num_workers > 0,
+        prefetch_factor=4 if data.num_workers > 0 else None,
+    )
+    return loader, sampler
