@@ -132,6 +132,11 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path, tiny_model, dig
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5), x["step"]
         assert x["lr"] == pytest.approx(y["lr"], rel=1e-9), x["step"]
 
+    # Resuming on another world size cannot be exact: a clear error, before any step.
+    proc = launch(["recipes/train.py", "--config", str(broken)], launcher="python", check=False)
+    assert proc.returncode == 2
+    assert "an exact resume needs the same world size" in proc.stderr and "'world_size': 2" in proc.stderr
+
 
 def test_single_process_zero2_with_python(tmp_path, tiny_model, digitgrid):
     recipe = write_recipe(
@@ -150,3 +155,18 @@ def test_config_error_exits_cleanly_naming_the_key(tmp_path, tiny_model, digitgr
                   check=False)
     assert proc.returncode == 2
     assert "train.micro_batchsize: unknown key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bf16_zero3_single_process(tmp_path, tiny_model, digitgrid, zero3_partitioned):
+    """The precision GPU runs use, on CPU: bf16 weights and pixel values, fp32 loss, export in bf16."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, digitgrid, tmp_path / "run", zero3_partitioned,
+                          engine={"precision": "bf16"}, train={"max_steps": 4, "global_batch_size": 4})
+    launch(["recipes/train.py", "--config", str(recipe)], launcher="python")
+    metrics = read_metrics(tmp_path / "run")
+    assert len(metrics) == 4 and all(m["loss"] == m["loss"] and m["loss"] < 10 for m in metrics)  # finite
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["resolved"]["deepspeed"]["bf16"] == {
+        "enabled": True}
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "final")
+    assert model.dtype == torch.bfloat16

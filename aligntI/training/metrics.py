@@ -36,8 +36,14 @@ def plot_loss_curve(metrics_path: Path, out_png: Path, keys: tuple[str, ...] = (
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in keys:
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), label=key, linewidth=1)
+        if not points:
+            continue
+        steps, values = zip(*points)
+        line = ax.plot(steps, values, linewidth=0.6, alpha=0.35)[0]
+        window = max(1, len(values) // 50)  # a moving average: single steps are noisy at small batch sizes
+        smooth = [sum(values[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1))
+                  for i in range(len(values))]
+        ax.plot(steps, smooth, color=line.get_color(), linewidth=1.5, label=f"{key} (mean of {window})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from aligntI import engine as ds
-from aligntI.config import RecipeConfig, dump_yaml, resolve_batching
+from aligntI.config import ConfigError, RecipeConfig, dump_yaml, resolve_batching
 from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_encoder, build_train_loader
 from aligntI.eval.generation import evaluate_exact_match, load_eval_items
@@ -83,7 +83,14 @@ class SFTRecipe:
         self.start_step = 0
         resume_tag = ds.latest_complete_checkpoint(self.ckpt_dir) if cfg.resume == "auto" else None
         if resume_tag is not None:
-            self.start_step = torch.load(self.ckpt_dir / resume_tag / "trainer_state.pt", weights_only=False)["step"]
+            saved = torch.load(self.ckpt_dir / resume_tag / "trainer_state.pt", weights_only=False)
+            now = {"world_size": self.dist.world_size, "global_batch_size": self.batching.global_batch_size}
+            if saved["layout"] != now:
+                raise ConfigError(
+                    f"resume: {self.ckpt_dir / resume_tag} was written with {saved['layout']}, this run has {now}; "
+                    "an exact resume needs the same world size and global batch (or set resume: never)"
+                )
+            self.start_step = saved["step"]
         per_rank_step = self.batching.micro_batch_size * self.batching.gradient_accumulation_steps
         self.loader, sampler = build_train_loader(
             self.processor, cfg.data, seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -157,7 +164,8 @@ class SFTRecipe:
                 if (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.total_steps:
                     self.metrics.write(record)
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{next(iter(record['lr'].values())):.2e}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{next(iter(record['lr'].values())):.2e}",
+                                refresh=False)  # let mininterval decide: log files get a line per 30 s
             save_every = self.cfg.train.save_every
             if save_every and (step + 1) % save_every == 0 and step + 1 < self.total_steps:
                 self.save_checkpoint(step + 1)
@@ -182,7 +190,10 @@ class SFTRecipe:
         tag = f"step_{step:08d}"
         files = {f"rng_rank{self.dist.rank}.pt": rng_state()}
         if self.dist.is_main:
-            files["trainer_state.pt"] = {"step": step, "skips": self.skips, "truncated": self.truncated}
+            files["trainer_state.pt"] = {
+                "step": step, "skips": self.skips, "truncated": self.truncated,
+                "layout": {"world_size": self.dist.world_size, "global_batch_size": self.batching.global_batch_size},
+            }
         self.student.save_checkpoint(self.ckpt_dir, tag, files, self.dist.rank)
         if self.dist.is_main:
             ds.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
