@@ -1,4 +1,4 @@
-"""The ``aligntI`` command: ``train``, ``digitgrid``, ``init-model``, ``eval``."""
+"""The ``aligntI`` command: ``train``, ``digitgrid``, ``init-model``, ``export``, ``eval``."""
 
 from __future__ import annotations
 
@@ -72,6 +72,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """HF model directory from any complete checkpoint of a run (e.g. one that died before its export)."""
+    import torch
+    import yaml
+
+    from aligntI import engine as ds
+    from aligntI.config import AttentionConfig
+    from aligntI.models.loading import load_model, load_processor
+
+    run = Path(args.run)
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    tag = args.tag or ds.latest_complete_checkpoint(run / "checkpoints")
+    if tag is None or not (run / "checkpoints" / tag / "COMPLETE").is_file():
+        raise SystemExit(f"aligntI export: no complete checkpoint {tag or ''} under {run / 'checkpoints'}")
+    model = load_model(resolved["model"]["path"], AttentionConfig(), torch.float32)
+    state = ds.consolidate_checkpoint(run / "checkpoints", tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.get_text_config().tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise SystemExit(f"aligntI export: checkpoint and model disagree: missing {missing}, unexpected {unexpected}")
+    out = Path(args.out) if args.out else run / f"export_{tag}"
+    model.save_pretrained(out)
+    load_processor(resolved["model"]["path"]).save_pretrained(out)
+    print(f"exported {run / 'checkpoints' / tag} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aligntI", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("export", help="write an HF model directory from a run's checkpoint (fp32, offline)")
+    p.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00001000 (default: the latest complete)")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/export_<tag>)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="greedy-generation exact-match evaluation of an HF model directory")
     p.add_argument("--model", required=True)

@@ -95,6 +95,14 @@ def test_zero3_two_ranks_trains_exports_and_reloads(tmp_path, tiny_model, digitg
         out = exported.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
 
+    # `aligntI export` of the step-20 checkpoint reloads and matches DeepSpeed's consolidation of that step.
+    launch(["-m", "aligntI.cli", "export", "--run", str(run_dir), "--tag", "step_00000020"], launcher="python")
+    step20 = AutoModelForImageTextToText.from_pretrained(run_dir / "export_step_00000020", dtype=torch.float32)
+    oracle.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpts), tag="step_00000020"))
+    with torch.no_grad():
+        torch.testing.assert_close(step20(**inputs).logits, oracle(**inputs).logits)
+    assert (run_dir / "export_step_00000020" / "processor_config.json").is_file()
+
     # The reloaded export, evaluated in one process with other batch shapes and padding, answers exactly as
     # the ZeRO-3-sharded evaluation inside the 2-rank run did.
     launch(["-m", "aligntI.cli", "eval", "--model", str(run_dir / "final"), "--data", str(digitgrid / "test.json"),

@@ -201,6 +201,13 @@ class StudentEngine:
         torch.distributed.barrier()
 
 
+def consolidate_checkpoint(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a ZeRO checkpoint, gathered offline (no process group, any stage)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+
+
 def latest_complete_checkpoint(root: Path) -> str | None:
     """The tag in ``root/latest`` if that checkpoint finished; else the newest finished one."""
     root = Path(root)
