@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -112,10 +113,19 @@ def test_zero3_two_ranks_trains_exports_and_reloads(tmp_path, tiny_model, digitg
 
 
 def test_interrupted_run_resumes_with_identical_losses(tmp_path, tiny_model, digitgrid, zero3_partitioned):
-    common = dict(train={"max_steps": 40, "save_every": 8, "keep_last": 3}, data={"num_workers": 1})
+    bad = tmp_path / "bad.jsonl"  # records whose image is missing: skipped, replaced and counted
+    bad.write_text("".join(json.dumps({"id": f"bad-{i}", "image": "missing.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat top-left ?"}, {"from": "gpt", "value": "7"}]}) + "\n"
+        for i in range(8)) + json.dumps({"id": "ok", "conversations": [
+        {"from": "human", "value": "read top row"}, {"from": "gpt", "value": "none"}]}) + "\n")
+    common = dict(train={"max_steps": 40, "save_every": 8, "keep_last": 3},
+                  data={"num_workers": 1, "on_bad_sample": "skip",
+                        "train": [{"path": str(digitgrid / "train.json")}, {"path": str(bad), "weight": 10.0}]})
     straight = write_recipe(tmp_path / "a.yaml", tiny_model, digitgrid, tmp_path / "a", zero3_partitioned, **common)
     broken = write_recipe(tmp_path / "b.yaml", tiny_model, digitgrid, tmp_path / "b", zero3_partitioned, **common)
-    launch(["recipes/train.py", "--config", str(straight)], launcher="torchrun")
+    first = launch(["recipes/train.py", "--config", str(straight)], launcher="torchrun")
+    skipped = re.search(r"data: (\d+) bad samples skipped", first.stdout)
+    assert skipped and int(skipped.group(1)) > 0, first.stdout[-2000:]
 
     # Kill the whole job (SIGKILL, no clean-up) right after its step-8 checkpoint completes.
     cmd = launcher_cmd("torchrun") + ["recipes/train.py", "--config", str(broken)]
@@ -133,6 +143,7 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path, tiny_model, dig
 
     proc = launch(["recipes/train.py", "--config", str(broken)], launcher="torchrun")
     assert "resumed from" in proc.stdout + proc.stderr
+    assert f"data: {skipped.group(1)} bad samples skipped" in proc.stdout  # counted once over the whole run
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [m["step"] for m in b] == list(range(1, 41))  # lines after the checkpoint were not duplicated
     for x, y in zip(a, b):

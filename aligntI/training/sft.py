@@ -119,9 +119,9 @@ class SFTRecipe:
 
     def _resume(self, tag: str) -> None:
         self.student.load_checkpoint(self.ckpt_dir, tag)
-        state = torch.load(self.ckpt_dir / tag / "trainer_state.pt", weights_only=False)
-        self.skips, self.truncated = state["skips"], state["truncated"]
-        set_rng_state(torch.load(self.ckpt_dir / tag / f"rng_rank{self.dist.rank}.pt", weights_only=False))
+        mine = torch.load(self.ckpt_dir / tag / f"rank{self.dist.rank}_state.pt", weights_only=False)
+        self.skips, self.truncated = mine["skips"], mine["truncated"]
+        set_rng_state(mine["rng"])
         self.log(f"resumed from {self.ckpt_dir / tag} at step {self.start_step}")
 
     # ------------------------------------------------------------------ train
@@ -188,10 +188,12 @@ class SFTRecipe:
 
     def save_checkpoint(self, step: int) -> None:
         tag = f"step_{step:08d}"
-        files = {f"rng_rank{self.dist.rank}.pt": rng_state()}
+        # Per rank: its RNG and what its data workers skipped; rank 0 adds the step and the batch layout.
+        files = {f"rank{self.dist.rank}_state.pt": {"rng": rng_state(), "skips": self.skips,
+                                                     "truncated": self.truncated}}
         if self.dist.is_main:
             files["trainer_state.pt"] = {
-                "step": step, "skips": self.skips, "truncated": self.truncated,
+                "step": step,
                 "layout": {"world_size": self.dist.world_size, "global_batch_size": self.batching.global_batch_size},
             }
         self.student.save_checkpoint(self.ckpt_dir, tag, files, self.dist.rank)
@@ -204,7 +206,7 @@ class SFTRecipe:
     def finish(self) -> dict | None:
         skipped = ds.all_reduce_sum([self.skips["bad"], self.skips["too_long"], self.truncated], self.dist.device)
         self.log(f"data: {int(skipped[0])} bad samples skipped, {int(skipped[1])} too long skipped, "
-                 f"{int(skipped[2])} truncated (all ranks, this session)")
+                 f"{int(skipped[2])} truncated (all ranks, whole run)")
         final = self.run_dir / "final"
         self.student.export_hf(final, self.processor, self.dist.rank)
         self.log(f"exported HF model to {final}")
