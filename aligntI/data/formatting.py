@@ -78,11 +78,15 @@ class Encoded:
     """One sample as arrays of equal length (no padding yet)."""
 
     input_ids: np.ndarray  # int64 [L]
-    labels: np.ndarray  # int64 [L], -100 outside response positions
     vision_mask: np.ndarray  # bool [L]
     instruction_mask: np.ndarray  # bool [L]
-    response_mask: np.ndarray  # bool [L]; equals labels != -100
+    response_mask: np.ndarray  # bool [L]
     truncated: bool = False
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 [L]: the token where it is a response position, -100 elsewhere."""
+        return np.where(self.response_mask, self.input_ids, -100)
 
 
 class ConversationEncoder:
@@ -144,9 +148,7 @@ class ConversationEncoder:
 
         ids, expand = self._expand_images(ids)
         response, instruction = response[expand], instruction[expand]
-        vision = ids == self.image_token_id
-        labels = np.where(response, ids, -100)
-        out = Encoded(ids, labels, vision, instruction, response)
+        out = Encoded(ids, ids == self.image_token_id, instruction, response)
         return self._truncate(out) if len(ids) > self.max_length else out
 
     # -- internals
@@ -202,8 +204,8 @@ class ConversationEncoder:
                 "every image token and at least one answer token"
             )
         keep = slice(0, cut)
-        return Encoded(enc.input_ids[keep], enc.labels[keep], enc.vision_mask[keep],
-                       enc.instruction_mask[keep], enc.response_mask[keep], truncated=True)
+        return Encoded(enc.input_ids[keep], enc.vision_mask[keep], enc.instruction_mask[keep],
+                       enc.response_mask[keep], truncated=True)
 
 
 def _text_spans(content: str, image_token: str) -> list[tuple[int, int]]:

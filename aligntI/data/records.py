@@ -12,19 +12,10 @@ round-robin to ranks. It is a pure function of (seed, epoch), so resuming only n
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch.utils.data
-
-
-@dataclass(frozen=True)
-class RecordRef:
-    """Where a record came from, for error messages."""
-
-    file: str
-    index: int  # position in the file (record number, 0-based)
 
 
 class RecordSource:
@@ -67,9 +58,6 @@ class RecordSource:
         if not isinstance(record, dict):
             raise ValueError(f"{self.path}: record {i} is a {type(record).__name__}, expected an object")
         return record
-
-    def ref(self, i: int) -> RecordRef:
-        return RecordRef(str(self.path), i)
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -146,10 +146,10 @@ class SFTRecipe:
                 ce_sum, _ = response_ce_sum(out.logits, mb["labels"].to(self.dist.device))
                 self.student.backward(ce_sum * scale)
                 self.student.step()
-                loss_sum += float(ce_sum.detach())
+                loss_sum = loss_sum + ce_sum.detach()  # stays on the device: one host sync per step, below
                 seen_tokens += int(mb["attention_mask"].sum())
                 self._count(mb)
-            loss_total, tokens_total = ds.all_reduce_sum([loss_sum, seen_tokens], self.dist.device)
+            loss_total, tokens_total = ds.all_reduce_sum([float(loss_sum), seen_tokens], self.dist.device)
             elapsed = time.perf_counter() - t0
             record = {
                 "step": step + 1,
