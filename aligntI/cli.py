@@ -1,4 +1,4 @@
-"""The ``aligntI`` command: ``train``, ``digitgrid``, ``init-model``, ``export``, ``eval``."""
+"""The ``aligntI`` command: ``train``, ``irs``, ``digitgrid``, ``init-model``, ``export``, ``eval``."""
 
 from __future__ import annotations
 
@@ -11,10 +11,44 @@ from aligntI.config import ConfigError, from_dict, load_recipe
 
 
 def cmd_train(args) -> int:
-    from aligntI.training.sft import run
-
     cfg = load_recipe(args.config, args.overrides)
+    if cfg.teacher is not None:
+        from aligntI.training.distill import run
+    else:
+        from aligntI.training.sft import run
     run(cfg, args.overrides)
+    return 0
+
+
+def cmd_irs(args) -> int:
+    """IRS of every layer of a model on calibration samples: table, irs.json, irs.png, the chosen layer."""
+    import torch
+
+    from aligntI import engine as ds
+    from aligntI.config import AttentionConfig, DataConfig, DataSource
+    from aligntI.data.loader import build_sequential_loader
+    from aligntI.hooks.attention import install
+    from aligntI.irs import compute_irs, format_table, write_report
+    from aligntI.models.loading import load_model, load_processor
+
+    install()
+    dist = ds.init_distributed()
+    dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
+    processor = load_processor(args.model)
+    model = load_model(args.model, AttentionConfig(args.attn, "sdpa"), dtype).to(dist.device).eval()
+    data = DataConfig(train=[DataSource(args.data, images=args.images)], chat_template=args.chat_template,
+                      max_length=args.max_length, num_workers=1)
+    loader = build_sequential_loader(processor, data, batch_size=args.batch_size, max_samples=args.samples,
+                                     rank=dist.rank, world_size=dist.world_size)
+    report = compute_irs(model, model, loader, dist.device, dtype, args.pairing, dist.is_main, args.model)
+    if dist.is_main:
+        out = Path(args.out) if args.out else Path(args.model) / "irs"
+        write_report(out, report)
+        print(format_table(report["irs"], report["chosen_layer"]))
+        print(f"IRS on {report['samples']} samples ({report['pairs']} {report['pairing']} pairs; "
+              f"{report['left_out_no_image_or_instruction']} without image or instruction left out). "
+              f"Chosen IVA layer: {report['chosen_layer']}. Wrote {out / 'irs.json'} and {out / 'irs.png'}")
+    ds.destroy()
     return 0
 
 
@@ -44,8 +78,9 @@ def cmd_init_model(args) -> int:
 
     spec = from_dict(TinyModelSpec, yaml.safe_load(Path(args.spec).read_text()) or {})
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    out = write_model_dir(args.out, spec, tokenizer)
-    print(f"wrote a random {spec.text.family}/{spec.vision.family} LLaVA model to {out}")
+    out = write_model_dir(args.out, spec, tokenizer, vision_from=args.vision_from)
+    copied = f" with the vision tower of {args.vision_from}" if args.vision_from else ""
+    print(f"wrote a random {spec.text.family}/{spec.vision.family} LLaVA model{copied} to {out}")
     return 0
 
 
@@ -109,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("irs", help="instruction-relevance score of every layer; picks the IVA layer")
+    p.add_argument("--model", required=True, help="HF model directory (the teacher)")
+    p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL calibration samples")
+    p.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
+    p.add_argument("--samples", type=int, default=256, help="the first N samples of --data")
+    p.add_argument("--pairing", choices=["any", "same_image"], default="any")
+    p.add_argument("--chat-template", default=None, help="template name or .jinja (default: the processor's)")
+    p.add_argument("--attn", default="sdpa", help="text attention backend")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=4096)
+    p.add_argument("--out", default=None, help="output folder (default: <model>/irs)")
+    p.set_defaults(func=cmd_irs)
+
     p = sub.add_parser("digitgrid", help="write the DigitGrid CPU example dataset and its tokenizer")
     p.add_argument("--out", default="data/digitgrid")
     p.add_argument("--train-size", type=int, default=30000)
@@ -121,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True, help="model spec YAML (see recipes/mini/models/)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")
     p.add_argument("--out", required=True)
+    p.add_argument("--vision-from", default=None, help="copy the trained vision tower of this model directory")
     p.set_defaults(func=cmd_init_model)
 
     p = sub.add_parser("export", help="write an HF model directory from a run's checkpoint (fp32, offline)")

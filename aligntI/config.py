@@ -146,6 +146,95 @@ class EvalConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The frozen model distilled from: its own DeepSpeed engine, no optimizer, sharded like the student."""
+
+    path: str
+    attn_implementation: AttentionConfig = field(default_factory=AttentionConfig)
+    offload_params: bool = False  # ZeRO-3: keep the teacher's parameters in CPU memory between uses
+
+
+@dataclass
+class LossWeights:
+    """λ of each term of ``λ_sft·L_sft + λ_kd·L_kd + λ_iva·L_iva`` (SPEC §1; default 1 for all)."""
+
+    sft: float = 1.0
+    kd: float = 1.0
+    iva: float = 1.0
+
+    def validate(self) -> None:
+        for key, value in dataclasses.asdict(self).items():
+            if value < 0:
+                raise ConfigError(f"loss.{key}: must be >= 0, got {value}")
+
+
+@dataclass
+class KDConfig:
+    """Response-token distillation (SPEC §6)."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = "forward_kl"
+    temperature: float = 1.0
+    jsd_beta: float = 0.5  # jsd: M = β·P_teacher + (1-β)·P_student
+    skew_alpha: float = 0.1  # skew_kl: KL(P_teacher ‖ α·P_teacher + (1-α)·P_student)
+    chunk_size: int = 1024  # positions per fp32 softmax chunk
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"kd.temperature: must be > 0, got {self.temperature}")
+        if not 0 < self.jsd_beta < 1:
+            raise ConfigError(f"kd.jsd_beta: must be in (0, 1) (the endpoints are forward_kl/reverse_kl), "
+                              f"got {self.jsd_beta}")
+        if not 0 <= self.skew_alpha < 1:
+            raise ConfigError(f"kd.skew_alpha: must be in [0, 1), got {self.skew_alpha}")
+        if self.chunk_size <= 0:
+            raise ConfigError(f"kd.chunk_size: must be > 0, got {self.chunk_size}")
+
+
+@dataclass
+class IVAConfig:
+    """Instruction-aware vision alignment (SPEC §4)."""
+
+    layer: Literal["auto"] | int = "auto"  # teacher layer; auto: argmax IRS on calibration samples at start-up
+    mode: Literal["weighted_kl", "attention"] = "weighted_kl"
+    weights: Literal["teacher_attention", "uniform"] = "teacher_attention"  # weighted_kl only
+    top_ratio: float = 1.0  # teacher_attention: keep the largest ρ·N_v weights, renormalised
+    student_layer: int | None = None  # attention mode; default: the teacher layer's relative depth
+
+    def validate(self) -> None:
+        if isinstance(self.layer, int) and self.layer < 0:
+            raise ConfigError(f"iva.layer: must be >= 0 or 'auto', got {self.layer}")
+        if not 0 < self.top_ratio <= 1:
+            raise ConfigError(f"iva.top_ratio: must be in (0, 1], got {self.top_ratio}")
+        if self.weights == "uniform" and self.top_ratio < 1:
+            raise ConfigError("iva.top_ratio: only applies to iva.weights: teacher_attention (uniform has no ranking)")
+        if self.mode == "attention" and self.weights == "uniform":
+            raise ConfigError("iva.weights: uniform is a weighted_kl baseline; iva.mode: attention aligns the "
+                              "teacher's attention itself")
+        if self.mode == "weighted_kl" and self.student_layer is not None:
+            raise ConfigError("iva.student_layer: only used by iva.mode: attention")
+        if self.student_layer is not None and self.student_layer < 0:
+            raise ConfigError(f"iva.student_layer: must be >= 0, got {self.student_layer}")
+
+    @property
+    def uses_teacher_attention(self) -> bool:
+        return self.mode == "attention" or self.weights == "teacher_attention"
+
+
+@dataclass
+class IRSConfig:
+    """Calibration for ``iva.layer: auto`` (SPEC §3)."""
+
+    samples: int = 256
+    pairing: Literal["any", "same_image"] = "any"
+    data: str | None = None  # LLaVA JSON/JSONL; default: the first training source
+    images: str | None = None
+
+    def validate(self) -> None:
+        if self.samples < 2:
+            raise ConfigError(f"irs.samples: need at least 2 samples to form pairs, got {self.samples}")
+
+
+@dataclass
 class RecipeConfig:
     run_dir: str
     model: ModelConfig
@@ -156,13 +245,36 @@ class RecipeConfig:
     seed: int = 0
     resume: Literal["auto", "never"] = "auto"
     eval: EvalConfig | None = None
+    # Distillation: a teacher turns the recipe into KD; the loss sections below need one.
+    teacher: TeacherConfig | None = None
+    loss: LossWeights | None = None
+    kd: KDConfig | None = None
+    iva: IVAConfig | None = None
+    irs: IRSConfig | None = None
 
     def validate(self) -> None:
         self.model.validate("model")
         self.data.validate()
         self.optim.validate()
         self.train.validate()
-        check_ds_config(self.engine)
+        ds = check_ds_config(self.engine)
+        distill_sections = ("loss", "kd", "iva", "irs")
+        if self.teacher is None:
+            given = [k for k in distill_sections if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(f"{given[0]}: distillation settings need a teacher (add a teacher: section)")
+            return
+        if self.teacher.offload_params and ds.get("zero_optimization", {}).get("stage", 0) != 3:
+            raise ConfigError("teacher.offload_params: needs ZeRO-3 (engine.zero_stage: 3)")
+        # Defaults are filled in so the resolved config.yaml shows every value in effect.
+        self.loss = self.loss or LossWeights()
+        self.kd = self.kd or KDConfig()
+        self.iva = self.iva or IVAConfig()
+        self.irs = self.irs or IRSConfig()
+        for key in distill_sections:
+            getattr(self, key).validate()
+        if self.loss.sft + self.loss.kd + self.loss.iva == 0:
+            raise ConfigError("loss: every weight is 0; nothing would train")
 
 
 def check_ds_config(engine: EngineConfig) -> dict:

@@ -78,7 +78,7 @@ def load_sample(source: RecordSource, index: int, encoder: ConversationEncoder, 
         raise TooLongError(f"{source.path}: sample {sample_id!r} (record {index}): {err}") from None
     except FormatError as err:
         raise bad(str(err)) from None
-    return {"id": sample_id, "encoded": enc, "pixel_values": pixel_values}
+    return {"id": sample_id, "image": image_name, "encoded": enc, "pixel_values": pixel_values}
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -167,6 +167,7 @@ class Collator:
             "labels": labels,
             **masks,
             "sample_ids": [it["id"] for it in items],
+            "images": [it["image"] for it in items],  # file names, e.g. to pair questions on one image
             "skips": [s for it in items for s in it["skips"]],
             "truncated": sum(int(e.truncated) for e in encs),
         }

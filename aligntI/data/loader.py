@@ -55,3 +55,17 @@ def build_train_loader(processor, data: DataConfig, *, seed: int, rank: int, wor
         prefetch_factor=4 if data.num_workers > 0 else None,
     )
     return loader, sampler
+
+
+def build_sequential_loader(processor, data: DataConfig, *, batch_size: int, max_samples: int | None = None,
+                            rank: int = 0, world_size: int = 1):
+    """Records in file order (first ``max_samples``), dealt round-robin to ranks: for analysis passes like IRS."""
+    encoder = build_encoder(processor, data)
+    records = build_records(data, seed=0)
+    total = len(records) if max_samples is None else min(max_samples, len(records))
+    dataset = LlavaDataset(records, encoder, processor.image_processor, data.on_bad_sample)
+    indices = list(range(rank, total, world_size))
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+        num_workers=data.num_workers, collate_fn=build_collator(processor, encoder, data.padding_side),
+    )

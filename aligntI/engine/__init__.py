@@ -201,6 +201,66 @@ class StudentEngine:
         torch.distributed.barrier()
 
 
+def teacher_ds_config(student_ds_config: dict, offload_params: bool) -> dict:
+    """What the teacher's engine takes from the student's DeepSpeed config. The one place this is decided:
+
+    * same batch keys (DeepSpeed asserts a micro-batch size even without an optimizer) and precision;
+    * no ``optimizer``/``scheduler`` (an optimizer over frozen parameters fails) and no optimizer offload;
+    * ZeRO-3 when the student uses it (sharded like the student; ``offload_params`` keeps the teacher's
+      parameters in CPU memory); otherwise stage 0, a whole replica per rank (ZeRO-1/2 only shard optimizer
+      state and gradients, which a frozen teacher has none of).
+    """
+    cfg = copy.deepcopy(student_ds_config)
+    for key in ("optimizer", "scheduler", "gradient_clipping"):
+        cfg.pop(key, None)
+    zero = cfg.get("zero_optimization", {})
+    if zero.get("stage", 0) == 3:
+        zero.pop("offload_optimizer", None)
+        if offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": accelerator_name() == "cuda"}
+    else:
+        if offload_params:
+            raise ValueError("teacher.offload_params needs ZeRO-3")
+        cfg["zero_optimization"] = {"stage": 0}
+    return cfg
+
+
+class TeacherEngine:
+    """The frozen teacher: a DeepSpeed engine with no optimizer, in eval mode, called under ``no_grad``.
+
+    Every rank must call it every step (ZeRO-3 gathers parameters collectively in forward).
+    """
+
+    def __init__(self, model, ds_config: dict):
+        import deepspeed
+
+        model.requires_grad_(False)
+        model.eval()
+        self.engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        self.engine.eval()
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def __call__(self, **inputs):
+        with torch.no_grad():
+            return self.engine(**inputs)
+
+
+@contextmanager
+def gathered_parameters(module):
+    """All of ``module``'s parameters whole on every rank inside the block (read-only); a no-op off ZeRO-3."""
+    params = list(module.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield params
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield params
+
+
 def consolidate_checkpoint(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """The fp32 weights of a ZeRO checkpoint, gathered offline (no process group, any stage)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -140,11 +140,28 @@ def build_model(spec: TinyModelSpec, tokenizer) -> LlavaForConditionalGeneration
     return model
 
 
-def write_model_dir(out_dir: str | Path, spec: TinyModelSpec, tokenizer) -> Path:
-    """Build a random model of ``spec`` and save it with its processor as an HF directory."""
+def copy_vision_tower(model, source_dir: str | Path) -> None:
+    """Give ``model`` the trained vision tower of ``source_dir`` (students share the teacher's encoder)."""
+    from transformers import AutoModelForImageTextToText
+
+    source = AutoModelForImageTextToText.from_pretrained(str(source_dir), dtype=torch.float32)
+    fields = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "image_size", "patch_size")
+    mine, theirs = model.config.vision_config.to_dict(), source.config.vision_config.to_dict()
+    differ = [f"{k}: spec {mine.get(k)} vs {source_dir} {theirs.get(k)}" for k in fields if mine.get(k) != theirs.get(k)]
+    if differ:
+        raise ValueError("the spec's vision tower differs from the one to copy: " + "; ".join(differ))
+    model.model.vision_tower.load_state_dict(source.model.vision_tower.state_dict())
+
+
+def write_model_dir(out_dir: str | Path, spec: TinyModelSpec, tokenizer, vision_from: str | Path | None = None) -> Path:
+    """Build a random model of ``spec`` (optionally with the vision tower of ``vision_from``) and save it with
+    its processor as an HF directory."""
     out_dir = Path(out_dir)
     processor = build_processor(tokenizer, spec.vision, spec.chat_template)
     model = build_model(spec, tokenizer)
+    if vision_from is not None:
+        copy_vision_tower(model, vision_from)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

@@ -135,29 +135,25 @@ class SFTRecipe:
         for step in range(self.start_step, self.total_steps):
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
-            local = [float((mb["labels"][:, 1:] != -100).sum()) for mb in micro]
-            global_tokens = ds.all_reduce_sum([sum(local)], self.dist.device)[0]
-            if global_tokens == 0:
-                self.log(f"step {step + 1}: no response tokens in the whole global batch; loss is 0 for this step")
-            scale = micro_loss_scale(global_tokens, self.dist.world_size, accum)
-            loss_sum, seen_tokens = 0.0, 0
+            counts = self.global_counts(micro, step + 1)
+            sums: dict[str, torch.Tensor] = {}
+            seen_tokens = 0
             for mb in micro:
-                out = self.student(**self._to_device(model_inputs(mb)), use_cache=False)
-                ce_sum, _ = response_ce_sum(out.logits, mb["labels"].to(self.dist.device))
-                self.student.backward(ce_sum * scale)
-                self.student.step()
-                loss_sum = loss_sum + ce_sum.detach()  # stays on the device: one host sync per step, below
+                for name, value in self.micro_step(mb, counts).items():
+                    sums[name] = sums[name] + value if name in sums else value  # stays on the device
                 seen_tokens += int(mb["attention_mask"].sum())
                 self._count(mb)
-            loss_total, tokens_total = ds.all_reduce_sum([float(loss_sum), seen_tokens], self.dist.device)
+            names = sorted(sums)
+            local = torch.stack([sums[k].double() for k in names]).tolist() if names else []  # one host sync
+            totals = ds.all_reduce_sum(local + [seen_tokens], self.dist.device)
             elapsed = time.perf_counter() - t0
             record = {
                 "step": step + 1,
-                "loss": loss_total / max(global_tokens, 1.0),
+                **self.summarise(dict(zip(names, totals[:-1])), counts),
                 "lr": self.student.lrs(),
                 "grad_norm": self.student.grad_norm(),
-                "tokens_per_s": tokens_total / elapsed,
-                "response_tokens": global_tokens,
+                "tokens_per_s": totals[-1] / elapsed,
+                **{k: v for k, v in counts.items()},
                 "step_time_s": elapsed,
             }
             if self.dist.is_main:
@@ -172,6 +168,29 @@ class SFTRecipe:
         bar.close()
         if self.start_step < self.total_steps:  # a finished run resumed again has nothing new to save
             self.save_checkpoint(self.total_steps)
+
+    # The three methods a distillation recipe overrides.
+
+    def global_counts(self, micro: list[dict], step: int) -> dict[str, float]:
+        """Normalisers of the step's loss terms over the whole global batch (all micro-batches, all ranks)."""
+        local = sum(float((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
+        tokens = ds.all_reduce_sum([local], self.dist.device)[0]
+        if tokens == 0:
+            self.log(f"step {step}: no response tokens in the whole global batch; loss is 0 for this step")
+        return {"response_tokens": tokens}
+
+    def micro_step(self, mb: dict, counts: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch; returns its detached loss sums."""
+        scale = micro_loss_scale(counts["response_tokens"], self.dist.world_size,
+                                 self.batching.gradient_accumulation_steps)
+        out = self.student(**self._to_device(model_inputs(mb)), use_cache=False)
+        ce_sum, _ = response_ce_sum(out.logits, mb["labels"].to(self.dist.device))
+        self.student.backward(ce_sum * scale)
+        self.student.step()
+        return {"sft": ce_sum.detach()}
+
+    def summarise(self, totals: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+        return {"loss": totals["sft"] / max(counts["response_tokens"], 1.0)}
 
     def _to_device(self, inputs: dict) -> dict:
         dtype = self.student.module.dtype

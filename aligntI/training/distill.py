@@ -1,0 +1,214 @@
+"""Align-TI distillation, part 1: ``λ_sft·L_sft + λ_kd·L_kd + λ_iva·L_iva`` on top of the SFT loop.
+
+Per micro-batch: the frozen teacher engine runs (every rank, every step; under ``no_grad``), capturing its
+IVA layer's instruction→vision attention when the IVA weights need it; then the student runs and both
+models' logits are computed only at the rows the losses score (response positions, plus vision positions
+for IVA) through ``logits_to_keep``. Normalisers (response tokens, IVA samples) are global-batch counts, so
+every term is a mean over the whole global batch whatever the micro-batching and world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig
+
+from aligntI import engine as ds
+from aligntI.config import RecipeConfig
+from aligntI.data.dataset import model_inputs
+from aligntI.hooks import attention as capture
+from aligntI.irs import calibrate_iva_layer
+from aligntI.losses.iva import attention_kl_sum, instruction_to_vision_focus, iva_weights
+from aligntI.losses.kd import top1_agreement, weighted_divergence_sum
+from aligntI.models.compat import check_compatible
+from aligntI.models.loading import load_model, load_processor
+from aligntI.training.accounting import micro_loss_scale
+from aligntI.training.sft import SFTRecipe
+
+
+def relative_depth_layer(teacher_layer: int, teacher_layers: int, student_layers: int) -> int:
+    """The student layer at the same relative depth (layer centres) as ``teacher_layer``."""
+    return min(student_layers - 1, int((teacher_layer + 0.5) / teacher_layers * student_layers))
+
+
+class DistillRecipe(SFTRecipe):
+    def __init__(self, cfg: RecipeConfig, overrides: list[str] | None = None):
+        super().__init__(cfg, overrides)
+        self.iva_on = cfg.loss.iva > 0
+        self.needs_teacher_attention = self.iva_on and cfg.iva.uses_teacher_attention
+        self.empty = {"response": 0, "iva": 0}  # micro-batches of this rank with nothing to score, per term
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        capture.install()  # before any model is loaded (ENGINEERING §1)
+        # Start-up checks read configs and processors only: a mismatched pair fails before any weight loads.
+        self.shared = check_compatible(
+            load_processor(cfg.teacher.path), load_processor(cfg.model.path),
+            AutoConfig.from_pretrained(cfg.teacher.path), AutoConfig.from_pretrained(cfg.model.path),
+            cfg.teacher.path, cfg.model.path, cfg.data.chat_template,
+        )
+        super().setup()
+        self.log(f"teacher/student vocabulary: {self.shared.note}")
+        teacher_cfg = ds.teacher_ds_config(self.ds_config, cfg.teacher.offload_params)
+        dtype = torch.bfloat16 if teacher_cfg["bf16"]["enabled"] else torch.float32
+        with ds.sharded_loading(teacher_cfg):
+            model = load_model(cfg.teacher.path, cfg.teacher.attn_implementation, dtype)
+        self.teacher = ds.TeacherEngine(model, teacher_cfg)
+        self.log(f"teacher {cfg.teacher.path}: ZeRO stage {teacher_cfg['zero_optimization']['stage']}, "
+                 f"offload_params {cfg.teacher.offload_params}, no optimizer, eval mode")
+        self.iva_layer = self.student_layer = None
+        if self.needs_teacher_attention:
+            self.iva_layer = self._resolve_iva_layer()
+            if cfg.iva.mode == "attention":
+                student_layers = len(capture.decoder_layers(self.student.module))
+                self.student_layer = cfg.iva.student_layer
+                if self.student_layer is None:
+                    teacher_layers = len(capture.decoder_layers(self.teacher.module))
+                    self.student_layer = relative_depth_layer(self.iva_layer, teacher_layers, student_layers)
+                if self.student_layer >= student_layers:
+                    raise ValueError(f"iva.student_layer {self.student_layer}: the student has {student_layers}")
+            self.log(f"IVA: teacher layer {self.iva_layer}, mode {cfg.iva.mode}"
+                     + (f", student layer {self.student_layer}" if self.student_layer is not None else ""))
+        elif self.iva_on:
+            self.log("IVA: uniform weights over vision tokens (no teacher attention needed)")
+
+    def _resolve_iva_layer(self) -> int:
+        cfg = self.cfg
+        teacher_layers = len(capture.decoder_layers(self.teacher.module))
+        if isinstance(cfg.iva.layer, int):
+            if cfg.iva.layer >= teacher_layers:
+                raise ValueError(f"iva.layer {cfg.iva.layer}: the teacher has {teacher_layers} decoder layers")
+            return cfg.iva.layer
+        saved = self.run_dir / "irs.json"
+        if self.start_step > 0 and saved.is_file():  # a resumed run keeps the layer it started with
+            layer = json.loads(saved.read_text())["chosen_layer"]
+            self.log(f"IVA layer {layer} from {saved} (resumed run)")
+            return layer
+        report = calibrate_iva_layer(self.teacher, self.processor, cfg, self.dist)
+        self.log(f"IRS on {report['samples']} calibration samples ({report['pairing']} pairs): "
+                 + ", ".join(f"L{i} {v:.3f}" for i, v in enumerate(report["irs"]))
+                 + f" -> iva.layer {report['chosen_layer']}")
+        return report["chosen_layer"]
+
+    # ------------------------------------------------------------------ the step
+
+    def global_counts(self, micro: list[dict], step: int) -> dict[str, float]:
+        resp = sum(float((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
+        iva = sum(float(self._iva_rows(mb).sum()) for mb in micro) if self.iva_on else 0.0
+        resp, iva = ds.all_reduce_sum([resp, iva], self.dist.device)
+        if resp == 0:
+            self.log(f"step {step}: no response tokens in the whole global batch; sft and kd are 0 this step")
+        if self.iva_on and iva == 0:
+            need = "an image and instruction tokens" if self.cfg.iva.uses_teacher_attention else "an image"
+            raise RuntimeError(f"step {step}: loss.iva is {self.cfg.loss.iva} but no sample in the whole global "
+                               f"batch has {need}; IVA has nothing to align (set loss.iva: 0 for such data)")
+        return {"response_tokens": resp, **({"iva_samples": iva} if self.iva_on else {})}
+
+    def _iva_rows(self, mb: dict) -> torch.Tensor:
+        """Samples the IVA term scores: with an image, and instruction tokens when teacher attention is used."""
+        rows = mb["vision_mask"].any(-1)
+        if self.cfg.iva.uses_teacher_attention:
+            rows &= mb["instruction_mask"].any(-1)
+        return rows
+
+    def micro_step(self, mb: dict, counts: dict[str, float]) -> dict[str, torch.Tensor]:
+        cfg, dev = self.cfg, self.dist.device
+        accum, world = self.batching.gradient_accumulation_steps, self.dist.world_size
+        inputs = self._to_device(model_inputs(mb))
+        masks = {k: mb[k].to(dev) for k in ("vision_mask", "instruction_mask", "attention_mask")}
+        labels = mb["labels"].to(dev)
+        targets_full = F.pad(labels[:, 1:], (0, 1), value=-100)  # logits at t predict label t+1
+        iva_rows = self._iva_rows(mb).to(dev) if self.iva_on else None
+        keep = targets_full != -100
+        if self.iva_on and cfg.iva.mode == "weighted_kl":  # IVA's KL is read at the vision positions
+            keep |= masks["vision_mask"] & iva_rows[:, None]
+
+        teacher_capture = self._capture(self.teacher.module, self.iva_layer, masks) \
+            if self.needs_teacher_attention else contextlib.nullcontext()
+        with teacher_capture as t_cap:
+            t_logits = self.teacher(**inputs, logits_to_keep=keep, use_cache=False).logits
+        t_logits = t_logits[:, : self.shared.size]
+
+        student_capture = self._capture(self.student.module, self.student_layer, masks) \
+            if self.student_layer is not None else contextlib.nullcontext()
+        with student_capture as s_cap:  # backward inside: an activation-checkpoint recompute must see it
+            s_logits = self.student(**inputs, logits_to_keep=keep, use_cache=False).logits[:, : self.shared.size]
+            targets = targets_full[keep]
+            resp = targets != -100
+            if not bool(resp.any()):
+                self._empty("response")
+            sums = {
+                "sft": F.cross_entropy(s_logits[resp].float(), targets[resp], reduction="sum"),
+                "kd": weighted_divergence_sum(
+                    t_logits, s_logits, resp.float(), kind=cfg.kd.divergence, temperature=cfg.kd.temperature,
+                    jsd_beta=cfg.kd.jsd_beta, skew_alpha=cfg.kd.skew_alpha, chunk_size=cfg.kd.chunk_size),
+            }
+            resp_scale = micro_loss_scale(counts["response_tokens"], world, accum)
+            total = resp_scale * (cfg.loss.sft * sums["sft"] + cfg.loss.kd * sums["kd"])
+            if self.iva_on:
+                if not bool(iva_rows.any()):
+                    self._empty("iva")
+                sums["iva"] = self._iva_sum(t_logits, s_logits, keep, masks, iva_rows, t_cap, s_cap)
+                total = total + micro_loss_scale(counts["iva_samples"], world, accum) * cfg.loss.iva * sums["iva"]
+            self.student.backward(total)
+        self.student.step()
+        sums["top1_agree"] = top1_agreement(t_logits[resp], s_logits[resp].detach())
+        return {k: v.detach().float() for k, v in sums.items()}
+
+    def _capture(self, model, layer: int, masks: dict):
+        return capture.AttentionCapture(model, [layer], masks["instruction_mask"], masks["vision_mask"],
+                                        masks["attention_mask"])
+
+    def _iva_sum(self, t_logits, s_logits, keep, masks, iva_rows, t_cap, s_cap) -> torch.Tensor:
+        """Σ over this micro-batch's IVA samples of the per-sample IVA loss (SPEC §4)."""
+        cfg = self.cfg.iva
+        vis_idx, vis_valid = capture.padded_positions(masks["vision_mask"])
+        vis_valid = vis_valid & iva_rows[:, None]
+        if cfg.mode == "attention":
+            inst_valid = t_cap.inst_valid.to(vis_valid.device)
+            t_focus = instruction_to_vision_focus(t_cap[self.iva_layer], inst_valid, vis_valid)
+            s_focus = instruction_to_vision_focus(s_cap[self.student_layer], inst_valid, vis_valid)
+            return attention_kl_sum(t_focus, s_focus, iva_rows)
+        focus = None
+        if cfg.weights == "teacher_attention":
+            focus = instruction_to_vision_focus(t_cap[self.iva_layer], t_cap.inst_valid.to(vis_valid.device),
+                                                vis_valid)
+        weights = iva_weights(focus, vis_valid, cfg.weights, cfg.top_ratio)  # [B, V], rows sum to 1
+        per_position = torch.zeros(keep.shape, dtype=weights.dtype, device=weights.device)
+        rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(vis_idx)
+        per_position[rows[vis_valid], vis_idx[vis_valid]] = weights[vis_valid]
+        return weighted_divergence_sum(t_logits, s_logits, per_position[keep], kind="forward_kl",
+                                       chunk_size=self.cfg.kd.chunk_size)
+
+    def _empty(self, term: str) -> None:
+        self.empty[term] += 1
+        if self.empty[term] <= 3:
+            print(f"[rank {self.dist.rank}] a micro-batch with nothing to score for {term}: its term is 0 "
+                  "(the global normaliser is unchanged)", flush=True)
+
+    def summarise(self, totals: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+        tokens = max(counts["response_tokens"], 1.0)
+        out = {"sft": totals["sft"] / tokens, "kd": totals["kd"] / tokens,
+               "top1_agreement": totals["top1_agree"] / tokens}
+        loss = self.cfg.loss.sft * out["sft"] + self.cfg.loss.kd * out["kd"]
+        if self.iva_on:
+            out["iva"] = totals["iva"] / max(counts["iva_samples"], 1.0)
+            loss += self.cfg.loss.iva * out["iva"]
+        return {"loss": loss, **out}
+
+    def finish(self) -> dict | None:
+        empty = ds.all_reduce_sum([self.empty["response"], self.empty["iva"]], self.dist.device)
+        self.log(f"micro-batches with nothing to score (all ranks): response {int(empty[0])}, iva {int(empty[1])}")
+        return super().finish()
+
+
+def run(cfg: RecipeConfig, overrides: list[str] | None = None) -> dict | None:
+    recipe = DistillRecipe(cfg, overrides)
+    recipe.setup()
+    recipe.train()
+    scores = recipe.finish()
+    ds.destroy()
+    return scores
