@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from aligntI.config import ConfigError, from_dict, load_recipe
+from aligntI.models.compat import IncompatibleModelsError
 
 
 def cmd_train(args) -> int:
@@ -199,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"aligntI: config error: {err}", file=sys.stderr)
+        return 2
+    except IncompatibleModelsError as err:
+        print(f"aligntI: {err}", file=sys.stderr)
         return 2
 
 

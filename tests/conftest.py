@@ -52,7 +52,8 @@ def digitgrid(tmp_path_factory):
     return out
 
 
-def write_tiny_model(out: Path, tokenizer_dir: Path, **text) -> Path:
+def write_tiny_model(out: Path, tokenizer_dir: Path, vision_from: Path | None = None, image_size: int = 32,
+                     **text) -> Path:
     """A fast tiny teacher-shaped model (CLI path)."""
     import yaml
 
@@ -62,18 +63,28 @@ def write_tiny_model(out: Path, tokenizer_dir: Path, **text) -> Path:
         "text": {"family": "qwen2", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
                  "intermediate_size": 64, **text},
         "vision": {"family": "siglip", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
-                   "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+                   "intermediate_size": 64, "image_size": image_size, "patch_size": 8},
         "chat_template": "llava_v1_compact",
     }
     spec_path = out.with_suffix(".yaml")
     spec_path.write_text(yaml.safe_dump(spec))
-    assert main(["init-model", "--spec", str(spec_path), "--tokenizer", str(tokenizer_dir), "--out", str(out)]) == 0
+    extra = ["--vision-from", str(vision_from)] if vision_from else []
+    assert main(["init-model", "--spec", str(spec_path), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+                 *extra]) == 0
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_model(digitgrid, tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny", digitgrid / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_student(digitgrid, tiny_model, tmp_path_factory):
+    """A narrower student of ``tiny_model`` (the teacher) sharing its vision tower; GQA with 2 query heads per KV."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "student", digitgrid / "tokenizer",
+                            vision_from=tiny_model, hidden_size=16, num_heads=4, num_kv_heads=2,
+                            intermediate_size=32)
 
 
 def write_recipe(path: Path, model_dir: Path, data_dir: Path, run_dir: Path, ds_config: str, **sections) -> Path:

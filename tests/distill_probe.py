@@ -1,0 +1,95 @@
+"""Run a distillation recipe under a real launcher, then check it from inside the job against oracles.
+
+Usage (2 CPU ranks): torchrun --nproc_per_node 2 tests/distill_probe.py <recipe.yaml> <probe_data.json> <out.json>
+
+After training, on every rank:
+* the teacher's parameters (gathered from their ZeRO-3 shards) equal a fresh load from disk, and have no grads;
+* the teacher engine (ZeRO-3, eval) and the student engine (ZeRO-3, train mode, activation checkpointing, backward
+  run inside the capture) capture instruction→vision probabilities equal to eager ``output_attentions`` of a plain
+  model holding the same weights.
+"""
+
+import json
+import sys
+
+import torch
+
+from aligntI import engine as ds
+from aligntI.config import AttentionConfig, DataConfig, DataSource, load_recipe
+from aligntI.data.dataset import model_inputs
+from aligntI.data.loader import build_sequential_loader
+from aligntI.hooks.attention import AttentionCapture, decoder_layers, padded_positions
+from aligntI.models.loading import load_model
+from aligntI.training.distill import DistillRecipe
+
+
+def eager_probs(model, batch, layer):
+    with torch.no_grad():
+        full = model(**model_inputs(batch), output_attentions=True, use_cache=False).attentions[layer]
+    inst_idx, inst_valid = padded_positions(batch["instruction_mask"])
+    vis_idx, vis_valid = padded_positions(batch["vision_mask"])
+    rows = full.gather(2, inst_idx[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3]))
+    ref = rows.gather(3, vis_idx[:, None, None, :].expand(-1, full.shape[1], rows.shape[2], -1))
+    return ref * (inst_valid[:, None, :, None] & vis_valid[:, None, None, :])
+
+
+def plain_copy(path, engine_module):
+    """An eager, unsharded model with the engine's current weights (gathered from all ranks)."""
+    plain = load_model(path, AttentionConfig("eager", "eager")).eval()
+    with ds.gathered_parameters(engine_module):
+        state = {k: v.detach().clone() for k, v in engine_module.state_dict().items()}
+    plain.load_state_dict(state)
+    return plain
+
+
+def main(recipe_path, probe_data, out_path):
+    cfg = load_recipe(recipe_path)
+    recipe = DistillRecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    result = {}
+
+    # The teacher: unchanged against a fresh load from disk, and gradient-free.
+    fresh = load_model(cfg.teacher.path, AttentionConfig()).state_dict()
+    teacher = recipe.teacher.module
+    with ds.gathered_parameters(teacher) as params:
+        names = [n for n, _ in teacher.named_parameters()]
+        result["teacher_max_abs_diff"] = max(float((p.detach() - fresh[n]).abs().max())
+                                             for n, p in zip(names, params))
+        result["teacher_params_with_grad"] = sum(p.grad is not None or p.requires_grad for p in params)
+    result["teacher_params"] = len(names)
+
+    # Capture under ZeRO-3 against eager output_attentions of plain copies.
+    data = DataConfig(train=[DataSource(probe_data, images="/")], chat_template=cfg.data.chat_template,
+                      max_length=64, padding_side=cfg.data.padding_side, num_workers=0)
+    batch = next(iter(build_sequential_loader(recipe.processor, data, batch_size=16)))
+    masks = [batch[k] for k in ("instruction_mask", "vision_mask", "attention_mask")]
+    n_teacher = len(decoder_layers(teacher))
+    with AttentionCapture(teacher, list(range(n_teacher)), *masks) as cap:
+        recipe.teacher(**model_inputs(batch), use_cache=False)
+    plain_teacher = plain_copy(cfg.teacher.path, teacher)
+    result["teacher_capture_max_err"] = max(float((cap[i] - eager_probs(plain_teacher, batch, i)).abs().max())
+                                            for i in range(n_teacher))
+
+    student = recipe.student.module
+    plain_student = plain_copy(cfg.model.path, student)  # before the step below changes nothing: no optimizer step
+    recipe.student.train()
+    assert student.is_gradient_checkpointing, "the probe recipe must enable activation checkpointing"
+    n_student = len(decoder_layers(student))
+    with AttentionCapture(student, list(range(n_student)), *masks) as cap:
+        logits = recipe.student(**model_inputs(batch), use_cache=False).logits
+        loss = sum(cap[i].sum() for i in range(n_student)) + logits.float().pow(2).mean()
+        recipe.student.backward(loss)  # recomputes the checkpointed layers (and their captures) in backward
+    result["student_capture_max_err"] = max(float((cap[i].detach() - eager_probs(plain_student, batch, i)).abs().max())
+                                            for i in range(n_student))
+    result["instruction_lengths"] = sorted(set(batch["instruction_mask"].sum(-1).tolist()))
+    recipe.student.engine.zero_grad()
+    recipe.finish()
+    if recipe.dist.is_main:
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+    ds.destroy()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,130 @@
+"""Distillation on 2 CPU ranks with ZeRO-3 (real launchers): teacher integrity, capture, resume, export, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import REPO, launch, launch_env, launcher_cmd, write_recipe, write_tiny_model
+from test_attention_capture import write_mixed
+
+TERMS = ("loss", "sft", "kd", "iva", "top1_agreement")
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def distill_recipe(tmp_path, name, student, teacher, digitgrid, ds_config, **sections):
+    base = dict(teacher={"path": str(teacher)}, loss={"sft": 1.0, "kd": 1.0, "iva": 1.0},
+                iva={"layer": "auto"}, irs={"samples": 16})
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return write_recipe(tmp_path / f"{name}.yaml", student, digitgrid, tmp_path / name, ds_config, **base)
+
+
+def test_distill_zero3_two_ranks(tmp_path, tiny_model, tiny_student, digitgrid, zero3_partitioned):
+    text_only = tmp_path / "text.jsonl"  # image-free samples: some micro-batches have nothing for IVA
+    text_only.write_text("".join(json.dumps({"id": f"t{i}", "conversations": [
+        {"from": "human", "value": "read top row"}, {"from": "gpt", "value": "none"}]}) + "\n" for i in range(20)))
+    recipe = distill_recipe(
+        tmp_path, "run", tiny_student, tiny_model, digitgrid, zero3_partitioned,
+        model={"activation_checkpointing": True},
+        data={"padding_side": "left",
+              "train": [{"path": str(digitgrid / "train.json")}, {"path": str(text_only), "weight": 2.0}]},
+        train={"max_steps": 12, "save_every": 6},
+    )
+    out = tmp_path / "probe.json"
+    proc = launch(["tests/distill_probe.py", str(recipe), str(write_mixed(tmp_path, digitgrid)), str(out)],
+                  launcher="torchrun")
+    probe = json.loads(out.read_text())
+    # The teacher: untouched and gradient-free after training, against a fresh load from disk.
+    assert probe["teacher_params"] > 0
+    assert probe["teacher_max_abs_diff"] == 0.0 and probe["teacher_params_with_grad"] == 0
+    # Capture under ZeRO-3 (teacher engine; student with activation checkpointing) equals eager attention maps.
+    assert len(probe["instruction_lengths"]) > 2
+    assert probe["teacher_capture_max_err"] <= 1e-5 and probe["student_capture_max_err"] <= 1e-5
+
+    run = tmp_path / "run"
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    for m in metrics:
+        assert all(m[k] == m[k] and m[k] >= 0 for k in TERMS), m  # finite, logged every step
+        assert m["loss"] == pytest.approx(m["sft"] + m["kd"] + m["iva"], rel=1e-6)
+        assert 0 <= m["top1_agreement"] <= 1 and m["iva_samples"] > 0
+    irs = json.loads((run / "irs.json").read_text())
+    assert irs["samples"] == 16 and len(irs["irs"]) == 2 and f"iva.layer {irs['chosen_layer']}" in proc.stdout
+    assert "nothing to score for iva" in proc.stdout  # image-free micro-batches were logged, not divided by 0
+    # The exported student is the student (not the teacher) and reloads.
+    from transformers import AutoModelForImageTextToText
+
+    exported = AutoModelForImageTextToText.from_pretrained(run / "final")
+    assert exported.config.text_config.hidden_size == 16
+    student_params = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(tiny_student).parameters())
+    assert sum(p.numel() for p in exported.parameters()) == student_params
+    ckpt_bytes = sum(f.stat().st_size for f in (run / "checkpoints" / "step_00000012").glob("*model_states.pt"))
+    teacher_bytes = (tiny_model / "model.safetensors").stat().st_size
+    assert ckpt_bytes < teacher_bytes  # the student is a fraction of the teacher: no teacher inside
+
+
+def test_distill_resume_is_exact(tmp_path, tiny_model, tiny_student, digitgrid, zero3_partitioned):
+    common = dict(iva={"layer": 1, "top_ratio": 0.5}, kd={"divergence": "jsd", "temperature": 2.0},
+                  train={"max_steps": 16, "save_every": 6}, data={"num_workers": 1})
+    straight = distill_recipe(tmp_path, "a", tiny_student, tiny_model, digitgrid, zero3_partitioned, **common)
+    broken = distill_recipe(tmp_path, "b", tiny_student, tiny_model, digitgrid, zero3_partitioned, **common)
+    launch(["recipes/train.py", "--config", str(straight)], launcher="torchrun")
+
+    cmd = launcher_cmd("torchrun") + ["recipes/train.py", "--config", str(broken)]
+    job = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    marker = tmp_path / "b" / "checkpoints" / "step_00000006" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert marker.exists() and job.returncode != 0, "the job had to be killed mid-run"
+    assert read_metrics(tmp_path / "b")[-1]["step"] < 16
+
+    proc = launch(["recipes/train.py", "--config", str(broken)], launcher="torchrun")
+    assert "resumed from" in proc.stdout + proc.stderr
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == list(range(1, 17))
+    for x, y in zip(a, b):
+        for key in TERMS:
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
+    from transformers import AutoModelForImageTextToText
+
+    a_final = AutoModelForImageTextToText.from_pretrained(tmp_path / "a" / "final")
+    b_final = AutoModelForImageTextToText.from_pretrained(tmp_path / "b" / "final")
+    for (name, p), q in zip(a_final.named_parameters(), b_final.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_mismatched_pair_is_refused_before_training(tmp_path, tiny_model, digitgrid, zero3_partitioned):
+    wide = write_tiny_model(tmp_path / "wide_images", digitgrid / "tokenizer", image_size=48, hidden_size=16)
+    recipe = distill_recipe(tmp_path, "run", wide, tiny_model, digitgrid, zero3_partitioned)
+    proc = launch(["recipes/train.py", "--config", str(recipe)], launcher="python", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "[image layout]" in proc.stderr and "image tokens per image teacher 16 / student 36" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_iva_without_any_image_is_an_error(tmp_path, tiny_model, tiny_student, digitgrid, zero3_partitioned):
+    text_only = tmp_path / "text.json"
+    text_only.write_text(json.dumps([{"id": f"t{i}", "conversations": [
+        {"from": "human", "value": "read top row"}, {"from": "gpt", "value": "none"}]} for i in range(8)]))
+    recipe = distill_recipe(tmp_path, "run", tiny_student, tiny_model, digitgrid, zero3_partitioned,
+                            iva={"layer": 0}, data={"train": [{"path": str(text_only)}]},
+                            train={"global_batch_size": 4})
+    proc = launch(["recipes/train.py", "--config", str(recipe)], launcher="python", check=False)
+    assert proc.returncode != 0
+    assert "step 1: loss.iva is 1.0 but no sample in the whole global batch has an image" in proc.stderr
+    # the same data with IVA off trains
+    proc = launch(["recipes/train.py", "--config", str(recipe), "loss.iva=0", f"run_dir={tmp_path / 'ok'}",
+                   "train.max_steps=2"], launcher="python")
+    assert len(read_metrics(tmp_path / "ok")) == 2
