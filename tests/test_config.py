@@ -159,3 +159,59 @@ def test_shipped_ds_configs_differ_only_where_documented():
     offload["zero_optimization"].pop("stage3_param_persistence_threshold")
     assert offload == gpu
     assert load("zero2.json")["zero_optimization"]["stage"] == 2
+
+
+DISTILL = {**BASE, "teacher": {"path": "t"}}
+
+
+def test_distillation_defaults_are_filled_and_dumped(tmp_path):
+    cfg = load_recipe(write(tmp_path, DISTILL))
+    assert (cfg.loss.sft, cfg.loss.kd, cfg.loss.iva) == (1.0, 1.0, 1.0)  # SPEC §1: every λ defaults to 1
+    assert cfg.kd.divergence == "forward_kl" and cfg.kd.temperature == 1.0
+    assert cfg.iva.layer == "auto" and cfg.iva.mode == "weighted_kl" and cfg.iva.weights == "teacher_attention"
+    assert cfg.irs.samples == 256 and cfg.irs.pairing == "any"
+    assert load_recipe(write(tmp_path, {**DISTILL, "iva": {"layer": 3}})).iva.layer == 3
+
+
+@pytest.mark.parametrize("patch, fragment", [
+    ({"kd": {"temperature": 2.0}}, "kd: distillation settings need a teacher"),
+    ({"iva": {"layer": 1}}, "iva: distillation settings need a teacher"),
+])
+def test_distillation_sections_need_a_teacher(tmp_path, patch, fragment):
+    assert fragment in error_of(tmp_path, {**BASE, **patch})
+
+
+@pytest.mark.parametrize("patch, fragment", [
+    ({"kd": {"divergence": "kl"}}, "kd.divergence: 'kl' is not one of"),
+    ({"kd": {"divergence": "jsd", "jsd_beta": 1.0}}, "kd.jsd_beta: must be in (0, 1)"),
+    ({"kd": {"temperature": 0}}, "kd.temperature: must be > 0"),
+    ({"iva": {"layer": "last"}}, "iva.layer: 'last' matches none of"),
+    ({"iva": {"layer": -1}}, "iva.layer: must be >= 0"),
+    ({"iva": {"weights": "uniform", "top_ratio": 0.5}}, "iva.top_ratio: only applies"),
+    ({"iva": {"mode": "attention", "weights": "uniform"}}, "iva.weights: uniform is a weighted_kl baseline"),
+    ({"iva": {"student_layer": 1}}, "iva.student_layer: only used by iva.mode: attention"),
+    ({"irs": {"pairing": "same_question"}}, "irs.pairing: 'same_question' is not one of"),
+    ({"loss": {"sft": 0, "kd": 0, "iva": 0}}, "loss: every weight is 0"),
+    ({"loss": {"tpa": 1.0}}, "loss.tpa: unknown key"),
+    ({"teacher": {"path": "t", "offload_params": True},
+      "engine": {"ds_config": str(REPO / "ds_configs" / "zero2.json"), "zero_stage": 2}},
+     "teacher.offload_params: needs ZeRO-3"),
+])
+def test_distillation_errors_name_the_key(tmp_path, patch, fragment):
+    assert fragment in error_of(tmp_path, {**DISTILL, **patch})
+
+
+def test_teacher_ds_config_is_derived_from_the_students():
+    from aligntI.engine import teacher_ds_config
+
+    student = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    student.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2, train_batch_size=16,
+                   bf16={"enabled": True})
+    teacher = teacher_ds_config(student, offload_params=True)
+    assert "offload_optimizer" not in teacher["zero_optimization"] and "gradient_clipping" not in teacher
+    assert teacher["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert teacher["train_micro_batch_size_per_gpu"] == 4 and teacher["bf16"] == {"enabled": True}
+    assert "offload_optimizer" in student["zero_optimization"]  # the student's config is not modified
+    assert "offload_param" not in teacher_ds_config(student, offload_params=False)["zero_optimization"]
+    zero2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    assert teacher_ds_config(zero2, offload_params=False)["zero_optimization"] == {"stage": 0}

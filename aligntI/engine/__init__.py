@@ -206,8 +206,8 @@ def teacher_ds_config(student_ds_config: dict, offload_params: bool) -> dict:
 
     * same batch keys (DeepSpeed asserts a micro-batch size even without an optimizer) and precision;
     * no ``optimizer``/``scheduler`` (an optimizer over frozen parameters fails) and no optimizer offload;
-    * ZeRO-3 when the student uses it (sharded like the student; ``offload_params`` keeps the teacher's
-      parameters in CPU memory); otherwise stage 0, a whole replica per rank (ZeRO-1/2 only shard optimizer
+    * ZeRO-3 when the student uses it (sharded like the student; ``offload_params``, the recipe's
+      ``teacher.offload_params``, alone decides whether its parameters live in CPU memory); otherwise stage 0, a whole replica per rank (ZeRO-1/2 only shard optimizer
       state and gradients, which a frozen teacher has none of).
     """
     cfg = copy.deepcopy(student_ds_config)
@@ -216,6 +216,7 @@ def teacher_ds_config(student_ds_config: dict, offload_params: bool) -> dict:
     zero = cfg.get("zero_optimization", {})
     if zero.get("stage", 0) == 3:
         zero.pop("offload_optimizer", None)
+        zero.pop("offload_param", None)  # the teacher's placement is its own switch, not the student's
         if offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": accelerator_name() == "cuda"}
     else:

@@ -1,0 +1,58 @@
+"""IRS: the score against a hand computation, pairing, tie-breaking, and the `aligntI irs` command."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import launch
+
+from aligntI.irs import choose_layer, format_table, irs_scores, pair_mask
+
+
+def test_irs_matches_hand_computation():
+    # layer 0 looks at the same place for every sample; layer 1 follows the sample
+    focus = torch.tensor([
+        [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.5, 0.5, 0.0]],
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0]],
+    ], dtype=torch.float64)
+    scores = irs_scores(focus, pair_mask(["a", "b", "c"], "any"))
+    # layer 1 pair cosines: (x1,x2) 0, (x1,x3) 0.6, (x2,x3) 0.8 -> mean 1.4/3
+    assert scores[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert scores[1].item() == pytest.approx(1 - 1.4 / 3, abs=1e-12)
+    assert choose_layer(scores) == 1
+
+
+def test_same_image_pairing_only_compares_questions_on_one_image():
+    focus = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]])
+    images = ["i1", "i1", "i2", "i2"]
+    mask = pair_mask(images, "same_image")
+    assert mask.sum() == 4 and not mask.diagonal().any()
+    # pairs: (0,1) cos 0 and (2,3) cos 1 -> mean 0.5
+    assert irs_scores(focus, mask).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no two calibration samples share an image"):
+        irs_scores(focus, pair_mask(["a", "b", "c", "d"], "same_image"))
+
+
+def test_ties_go_to_the_shallower_layer():
+    assert choose_layer(torch.tensor([0.1, 0.4, 0.4, 0.2], dtype=torch.float64)) == 1
+    assert "1  0.4000  <- IVA layer" in format_table([0.1, 0.4, 0.4, 0.2], 1)
+
+
+def test_irs_command(tmp_path, tiny_model, digitgrid):
+    out = tmp_path / "irs"
+    proc = launch(["-m", "aligntI.cli", "irs", "--model", str(tiny_model), "--data", str(digitgrid / "test.json"),
+                   "--samples", "24", "--chat-template", "llava_v1_compact", "--batch-size", "5",
+                   "--out", str(out)], launcher="torchrun")
+    report = json.loads((out / "irs.json").read_text())
+    assert report["samples"] == 24 and report["pairs"] == 24 * 23 // 2 and len(report["irs"]) == 2
+    assert all(0 <= s <= 1 for s in report["irs"]) and not any(math.isnan(s) for s in report["irs"])
+    assert report["chosen_layer"] == max(range(2), key=lambda i: (report["irs"][i], -i))
+    assert f"Chosen IVA layer: {report['chosen_layer']}" in proc.stdout and "layer  IRS" in proc.stdout
+    assert (out / "irs.png").stat().st_size > 1000
+    # the same samples in one process give the same scores (the 2-rank run gathered every sample once)
+    launch(["-m", "aligntI.cli", "irs", "--model", str(tiny_model), "--data", str(digitgrid / "test.json"),
+            "--samples", "24", "--chat-template", "llava_v1_compact", "--out", str(tmp_path / "one")],
+           launcher="python")
+    single = json.loads((tmp_path / "one" / "irs.json").read_text())
+    assert single["irs"] == pytest.approx(report["irs"], abs=1e-6)
