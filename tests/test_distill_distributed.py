@@ -128,3 +128,16 @@ def test_iva_without_any_image_is_an_error(tmp_path, tiny_model, tiny_student, d
     proc = launch(["recipes/train.py", "--config", str(recipe), "loss.iva=0", f"run_dir={tmp_path / 'ok'}",
                    "train.max_steps=2"], launcher="python")
     assert len(read_metrics(tmp_path / "ok")) == 2
+
+
+def test_single_process_zero2_attention_mode(tmp_path, tiny_model, tiny_student, digitgrid):
+    """ZeRO-2 student (the teacher then runs as a whole replica) with IVA aligning attention maps directly."""
+    recipe = distill_recipe(
+        tmp_path, "run", tiny_student, tiny_model, digitgrid, str(REPO / "ds_configs" / "zero2.json"),
+        engine={"zero_stage": 2}, iva={"layer": "auto", "mode": "attention"}, kd={"divergence": "reverse_kl"},
+        train={"max_steps": 3, "global_batch_size": 4},
+    )
+    proc = launch(["recipes/train.py", "--config", str(recipe)], launcher="python")
+    assert "ZeRO stage 0" in proc.stdout and "student layer" in proc.stdout
+    metrics = read_metrics(tmp_path / "run")
+    assert len(metrics) == 3 and all(m["iva"] > 0 and m["iva"] == m["iva"] for m in metrics)

@@ -63,3 +63,20 @@ def test_cosine_with_warmup():
     assert f(int(mid)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (int(mid) - 3) / 97)))
     assert f(total) == pytest.approx(0.1) and f(total + 50) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(warm, total))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 100])
+def test_rows_ce_sum_matches_cross_entropy_and_its_gradient(chunk_size):
+    from aligntI.losses.sft import rows_ce_sum
+
+    torch.manual_seed(0)
+    logits = torch.randn(7, 11, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.tensor([3, -100, 0, 10, -100, 5, 5])
+    got = rows_ce_sum(logits, targets, chunk_size=chunk_size)
+    ref = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(got, ref)
+    (g_got,) = torch.autograd.grad(got, logits)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(g_got, g_ref)
+    empty = rows_ce_sum(logits, torch.full((7,), -100), chunk_size)
+    assert empty.item() == 0 and torch.autograd.grad(empty, logits)[0].abs().sum() == 0

@@ -23,6 +23,7 @@ from aligntI.hooks import attention as capture
 from aligntI.irs import calibrate_iva_layer
 from aligntI.losses.iva import attention_kl_sum, instruction_to_vision_focus, iva_weights
 from aligntI.losses.kd import top1_agreement, weighted_divergence_sum
+from aligntI.losses.sft import rows_ce_sum
 from aligntI.models.compat import check_compatible
 from aligntI.models.loading import load_model, load_processor
 from aligntI.training.accounting import micro_loss_scale
@@ -140,11 +141,12 @@ class DistillRecipe(SFTRecipe):
             resp = targets != -100
             if not bool(resp.any()):
                 self._empty("response")
+            kd = cfg.kd
             sums = {
-                "sft": F.cross_entropy(s_logits[resp].float(), targets[resp], reduction="sum"),
-                "kd": weighted_divergence_sum(
-                    t_logits, s_logits, resp.float(), kind=cfg.kd.divergence, temperature=cfg.kd.temperature,
-                    jsd_beta=cfg.kd.jsd_beta, skew_alpha=cfg.kd.skew_alpha, chunk_size=cfg.kd.chunk_size),
+                "sft": self._term(cfg.loss.sft, rows_ce_sum, s_logits, targets, kd.chunk_size),
+                "kd": self._term(cfg.loss.kd, weighted_divergence_sum, t_logits, s_logits, resp.float(),
+                                 kind=kd.divergence, temperature=kd.temperature, jsd_beta=kd.jsd_beta,
+                                 skew_alpha=kd.skew_alpha, chunk_size=kd.chunk_size),
             }
             resp_scale = micro_loss_scale(counts["response_tokens"], world, accum)
             total = resp_scale * (cfg.loss.sft * sums["sft"] + cfg.loss.kd * sums["kd"])
@@ -157,6 +159,12 @@ class DistillRecipe(SFTRecipe):
         self.student.step()
         sums["top1_agree"] = top1_agreement(t_logits[resp], s_logits[resp].detach())
         return {k: v.detach().float() for k, v in sums.items()}
+
+    @staticmethod
+    def _term(weight: float, fn, *args, **kwargs) -> torch.Tensor:
+        """A loss term; one with weight 0 is still computed for the log, but outside the autograd graph."""
+        with contextlib.nullcontext() if weight > 0 else torch.no_grad():
+            return fn(*args, **kwargs)
 
     def _capture(self, model, layer: int, masks: dict):
         return capture.AttentionCapture(model, [layer], masks["instruction_mask"], masks["vision_mask"],
