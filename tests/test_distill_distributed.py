@@ -18,8 +18,8 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def distill_recipe(tmp_path, name, student, teacher, digitgrid, ds_config, **sections):
-    base = dict(teacher={"path": str(teacher)}, loss={"sft": 1.0, "kd": 1.0, "iva": 1.0},
+def distill_recipe(tmp_path, name, student, teacher_dir, digitgrid, ds_config, **sections):
+    base = dict(teacher={"path": str(teacher_dir)}, loss={"sft": 1.0, "kd": 1.0, "iva": 1.0},
                 iva={"layer": "auto"}, irs={"samples": 16})
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
@@ -33,6 +33,7 @@ def test_distill_zero3_two_ranks(tmp_path, tiny_model, tiny_student, digitgrid, 
     recipe = distill_recipe(
         tmp_path, "run", tiny_student, tiny_model, digitgrid, zero3_partitioned,
         model={"activation_checkpointing": True},
+        teacher={"offload_params": True},
         data={"padding_side": "left",
               "train": [{"path": str(digitgrid / "train.json")}, {"path": str(text_only), "weight": 2.0}]},
         train={"max_steps": 12, "save_every": 6},
