@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig
 
 from aligntI import engine as ds
-from aligntI.config import RecipeConfig
+from aligntI.config import ConfigError, RecipeConfig
 from aligntI.data.dataset import model_inputs
 from aligntI.hooks import attention as capture
 from aligntI.irs import calibrate_iva_layer
@@ -70,7 +70,8 @@ class DistillRecipe(SFTRecipe):
                     teacher_layers = len(capture.decoder_layers(self.teacher.module))
                     self.student_layer = relative_depth_layer(self.iva_layer, teacher_layers, student_layers)
                 if self.student_layer >= student_layers:
-                    raise ValueError(f"iva.student_layer {self.student_layer}: the student has {student_layers}")
+                    raise ConfigError(f"iva.student_layer: {self.student_layer} is out of range; the student has "
+                                      f"{student_layers} decoder layers")
             self.log(f"IVA: teacher layer {self.iva_layer}, mode {cfg.iva.mode}"
                      + (f", student layer {self.student_layer}" if self.student_layer is not None else ""))
         elif self.iva_on:
@@ -81,7 +82,8 @@ class DistillRecipe(SFTRecipe):
         teacher_layers = len(capture.decoder_layers(self.teacher.module))
         if isinstance(cfg.iva.layer, int):
             if cfg.iva.layer >= teacher_layers:
-                raise ValueError(f"iva.layer {cfg.iva.layer}: the teacher has {teacher_layers} decoder layers")
+                raise ConfigError(f"iva.layer: {cfg.iva.layer} is out of range; the teacher has {teacher_layers} "
+                                  "decoder layers")
             return cfg.iva.layer
         saved = self.run_dir / "irs.json"
         if self.start_step > 0 and saved.is_file():  # a resumed run keeps the layer it started with
