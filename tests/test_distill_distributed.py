@@ -142,3 +142,6 @@ def test_single_process_zero2_attention_mode(tmp_path, tiny_model, tiny_student,
     assert "ZeRO stage 0" in proc.stdout and "student layer" in proc.stdout
     metrics = read_metrics(tmp_path / "run")
     assert len(metrics) == 3 and all(m["iva"] > 0 and m["iva"] == m["iva"] for m in metrics)
+    proc = launch(["recipes/train.py", "--config", str(recipe), "iva.layer=7", f"run_dir={tmp_path / 'bad'}"],
+                  launcher="python", check=False)
+    assert proc.returncode == 2 and "iva.layer: 7 is out of range; the teacher has 2 decoder layers" in proc.stderr

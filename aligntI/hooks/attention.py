@@ -8,7 +8,8 @@ keys, apply the causal and padding mask, take the softmax over the whole row and
 (SPEC §3). Every other layer and model runs its fast kernel untouched; nothing sets ``output_attentions``.
 
 Stored per captured layer: ``[B, H, I, V]`` fp32 (I, V = the batch's longest instruction / vision span). The
-transient score block is ``[B, H, I, L]`` for that one layer only.
+transient score block is ``[B, H, I, L]`` fp32 for that one layer only (plus an fp32 view of its K, not
+repeated over GQA groups).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from functools import partial
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv
 
 WRAPPED_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 _originals: dict[str, object] = {}
@@ -116,8 +116,11 @@ class AttentionCapture:
         n_inst, n_vis = inst_idx.shape[1], vis_idx.shape[1]
 
         q = query.gather(2, inst_idx[:, None, :, None].expand(batch, heads, n_inst, dim)).float()
-        k = repeat_kv(key, heads // key.shape[1]).float()
-        scores = q @ k.transpose(-1, -2) * (scaling if scaling is not None else 1 / math.sqrt(dim))
+        # GQA without repeating K: query head h uses KV head h // groups, so group the query heads per KV head.
+        kv_heads = key.shape[1]
+        q = q.reshape(batch, kv_heads, heads // kv_heads * n_inst, dim)
+        scores = (q @ key.float().transpose(-1, -2)).view(batch, heads, n_inst, length)
+        scores = scores * (scaling if scaling is not None else 1 / math.sqrt(dim))
         keys = torch.arange(length, device=device)
         allowed = (keys[None, None, :] <= inst_idx[:, :, None]) & self.key_valid.to(device)[:, None, :]
         if sliding_window is not None:

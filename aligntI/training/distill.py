@@ -36,6 +36,7 @@ def relative_depth_layer(teacher_layer: int, teacher_layers: int, student_layers
 
 
 class DistillRecipe(SFTRecipe):
+    LOSS_TERMS = ("loss", "sft", "kd", "iva")
     def __init__(self, cfg: RecipeConfig, overrides: list[str] | None = None):
         super().__init__(cfg, overrides)
         self.iva_on = cfg.loss.iva > 0

@@ -46,6 +46,7 @@ def set_rng_state(state: dict) -> None:
 
 
 class SFTRecipe:
+    LOSS_TERMS = ("loss",)  # what loss_curve.png plots
     def __init__(self, cfg: RecipeConfig, overrides: list[str] | None = None):
         self.cfg = cfg
         self.overrides = overrides or []
@@ -230,7 +231,7 @@ class SFTRecipe:
         self.student.export_hf(final, self.processor, self.dist.rank)
         self.log(f"exported HF model to {final}")
         if self.dist.is_main:
-            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png", self.LOSS_TERMS)
         scores = self.evaluate() if self.cfg.eval is not None else None
         ds.barrier()
         return scores
