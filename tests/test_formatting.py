@@ -86,7 +86,7 @@ def test_ids_equal_the_processor_and_spans_decode_byte_level(template):
 def test_collator_padding_keeps_masks_exact(word_tokenizer, side):
     processor, enc = encoder_for(word_tokenizer)
     items = [{"id": str(i), "encoded": enc.encode(to_messages(c)[0]), "pixel_values": torch.zeros(1, 3, 32, 32),
-              "skips": []} for i, c in enumerate([SINGLE, MULTI])]
+              "image": f"{i}.png", "skips": []} for i, c in enumerate([SINGLE, MULTI])]
     pad = word_tokenizer.pad_token_id
     batch = Collator(pad, enc.image_token_id, N_IMG, (3, 32, 32), side)(items)
     assert batch["input_ids"].shape == (2, 32)

@@ -59,7 +59,7 @@ def batch_of(tiny_model, convs, side, images=True):
     enc = build_encoder(processor, DataConfig(train=[DataSource("x")], max_length=256))
     items = [{"id": str(i), "encoded": enc.encode(to_messages(c)[0]),
               "pixel_values": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)) if images else None,
-              "skips": []} for i, c in enumerate(convs)]
+              "image": f"{i}.png" if images else None, "skips": []} for i, c in enumerate(convs)]
     return Collator(processor.tokenizer.pad_token_id, enc.image_token_id, enc.num_image_tokens, (3, 32, 32),
                     side)(items)
 
