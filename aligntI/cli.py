@@ -14,10 +14,10 @@ from aligntI.models.compat import IncompatibleModelsError
 def cmd_train(args) -> int:
     cfg = load_recipe(args.config, args.overrides)
     if cfg.teacher is not None:
-        from aligntI.training.distill import run
+        from aligntI.training.distill import DistillRecipe as Recipe
     else:
-        from aligntI.training.sft import run
-    run(cfg, args.overrides)
+        from aligntI.training.sft import SFTRecipe as Recipe
+    Recipe.run(cfg, args.overrides)
     return 0
 
 

@@ -140,3 +140,18 @@ def launch(args: list[str], launcher: str = "deepspeed", nproc: int = 2, timeout
         raise AssertionError(f"{' '.join(cmd + args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def kill_when(args: list[str], marker: Path, launcher: str = "torchrun", timeout: int = 300) -> None:
+    """Start a 2-rank job and SIGKILL its whole process group (no clean-up) as soon as ``marker`` exists."""
+    import signal
+    import time
+
+    job = subprocess.Popen(launcher_cmd(launcher) + args, cwd=REPO, env=launch_env(), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert marker.exists() and job.returncode != 0, "the job had to be killed mid-run"

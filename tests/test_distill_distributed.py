@@ -1,14 +1,10 @@
 """Distillation on 2 CPU ranks with ZeRO-3 (real launchers): teacher integrity, capture, resume, export, errors."""
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
-from conftest import REPO, launch, launch_env, launcher_cmd, write_recipe, write_tiny_model
+from conftest import REPO, kill_when, launch, write_recipe, write_tiny_model
 from test_attention_capture import write_mixed
 
 TERMS = ("loss", "sft", "kd", "iva", "top1_agreement")
@@ -78,16 +74,8 @@ def test_distill_resume_is_exact(tmp_path, tiny_model, tiny_student, digitgrid, 
     broken = distill_recipe(tmp_path, "b", tiny_student, tiny_model, digitgrid, zero3_partitioned, **common)
     launch(["recipes/train.py", "--config", str(straight)], launcher="torchrun")
 
-    cmd = launcher_cmd("torchrun") + ["recipes/train.py", "--config", str(broken)]
-    job = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), start_new_session=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    marker = tmp_path / "b" / "checkpoints" / "step_00000006" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    assert marker.exists() and job.returncode != 0, "the job had to be killed mid-run"
+    kill_when(["recipes/train.py", "--config", str(broken)],
+              tmp_path / "b" / "checkpoints" / "step_00000006" / "COMPLETE")
     assert read_metrics(tmp_path / "b")[-1]["step"] < 16
 
     proc = launch(["recipes/train.py", "--config", str(broken)], launcher="torchrun")

@@ -1,16 +1,12 @@
 """Real multi-process DeepSpeed runs on 2 CPU ranks (gloo): training, export, resume after a kill."""
 
 import json
-import os
 import re
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, launch, launch_env, launcher_cmd, write_recipe
+from conftest import REPO, kill_when, launch, write_recipe
 
 
 def read_metrics(run_dir):
@@ -128,16 +124,8 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path, tiny_model, dig
     assert skipped and int(skipped.group(1)) > 0, first.stdout[-2000:]
 
     # Kill the whole job (SIGKILL, no clean-up) right after its step-8 checkpoint completes.
-    cmd = launcher_cmd("torchrun") + ["recipes/train.py", "--config", str(broken)]
-    job = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), start_new_session=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    marker = tmp_path / "b" / "checkpoints" / "step_00000008" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    assert marker.exists() and job.returncode != 0, "the job had to be killed mid-run"
+    kill_when(["recipes/train.py", "--config", str(broken)],
+              tmp_path / "b" / "checkpoints" / "step_00000008" / "COMPLETE")
     done_before_kill = read_metrics(tmp_path / "b")[-1]["step"]
     assert done_before_kill < 40
 

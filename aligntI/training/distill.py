@@ -215,11 +215,3 @@ class DistillRecipe(SFTRecipe):
         self.log(f"micro-batches with nothing to score (all ranks): response {int(empty[0])}, iva {int(empty[1])}")
         return super().finish()
 
-
-def run(cfg: RecipeConfig, overrides: list[str] | None = None) -> dict | None:
-    recipe = DistillRecipe(cfg, overrides)
-    recipe.setup()
-    recipe.train()
-    scores = recipe.finish()
-    ds.destroy()
-    return scores

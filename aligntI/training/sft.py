@@ -252,11 +252,13 @@ class SFTRecipe:
         if self.dist.is_main:
             tqdm.write(f"[aligntI] {msg}")
 
+    @classmethod
+    def run(cls, cfg: RecipeConfig, overrides: list[str] | None = None) -> dict | None:
+        recipe = cls(cfg, overrides)
+        recipe.setup()
+        recipe.train()
+        scores = recipe.finish()
+        ds.destroy()
+        return scores
 
-def run(cfg: RecipeConfig, overrides: list[str] | None = None) -> dict | None:
-    recipe = SFTRecipe(cfg, overrides)
-    recipe.setup()
-    recipe.train()
-    scores = recipe.finish()
-    ds.destroy()
-    return scores
+
