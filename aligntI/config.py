@@ -232,6 +232,8 @@ class IRSConfig:
     def validate(self) -> None:
         if self.samples < 2:
             raise ConfigError(f"irs.samples: need at least 2 samples to form pairs, got {self.samples}")
+        if self.images is not None and self.data is None:
+            raise ConfigError("irs.images: only used with irs.data (the training source has its own images)")
 
 
 @dataclass

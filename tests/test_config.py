@@ -191,6 +191,7 @@ def test_distillation_sections_need_a_teacher(tmp_path, patch, fragment):
     ({"iva": {"mode": "attention", "weights": "uniform"}}, "iva.weights: uniform is a weighted_kl baseline"),
     ({"iva": {"student_layer": 1}}, "iva.student_layer: only used by iva.mode: attention"),
     ({"irs": {"pairing": "same_question"}}, "irs.pairing: 'same_question' is not one of"),
+    ({"irs": {"images": "imgs/"}}, "irs.images: only used with irs.data"),
     ({"loss": {"sft": 0, "kd": 0, "iva": 0}}, "loss: every weight is 0"),
     ({"loss": {"tpa": 1.0}}, "loss.tpa: unknown key"),
     ({"teacher": {"path": "t", "offload_params": True},

@@ -125,7 +125,15 @@ class DistillRecipe(SFTRecipe):
         masks = {k: mb[k].to(dev) for k in ("vision_mask", "instruction_mask", "attention_mask")}
         labels = mb["labels"].to(dev)
         targets_full = F.pad(labels[:, 1:], (0, 1), value=-100)  # logits at t predict label t+1
-        iva_rows = self._iva_rows(mb).to(dev) if self.iva_on else None
+        # "Nothing to score" is decided on the CPU batch: no device-to-host sync in the step.
+        if not (mb["labels"][:, 1:] != -100).any():
+            self._empty("response")
+        iva_rows = None
+        if self.iva_on:
+            iva_rows = self._iva_rows(mb)
+            if not iva_rows.any():
+                self._empty("iva")
+            iva_rows = iva_rows.to(dev)
         keep = targets_full != -100
         if self.iva_on and cfg.iva.mode == "weighted_kl":  # IVA's KL is read at the vision positions
             keep |= masks["vision_mask"] & iva_rows[:, None]
@@ -142,8 +150,6 @@ class DistillRecipe(SFTRecipe):
             s_logits = self.student(**inputs, logits_to_keep=keep, use_cache=False).logits[:, : self.shared.size]
             targets = targets_full[keep]
             resp = targets != -100
-            if not bool(resp.any()):
-                self._empty("response")
             kd = cfg.kd
             sums = {
                 "sft": self._term(cfg.loss.sft, rows_ce_sum, s_logits, targets, kd.chunk_size),
@@ -154,8 +160,6 @@ class DistillRecipe(SFTRecipe):
             resp_scale = micro_loss_scale(counts["response_tokens"], world, accum)
             total = resp_scale * (cfg.loss.sft * sums["sft"] + cfg.loss.kd * sums["kd"])
             if self.iva_on:
-                if not bool(iva_rows.any()):
-                    self._empty("iva")
                 sums["iva"] = self._iva_sum(t_logits, s_logits, keep, masks, iva_rows, t_cap, s_cap)
                 total = total + micro_loss_scale(counts["iva_samples"], world, accum) * cfg.loss.iva * sums["iva"]
             self.student.backward(total)

@@ -47,6 +47,7 @@ def set_rng_state(state: dict) -> None:
 
 class SFTRecipe:
     LOSS_TERMS = ("loss",)  # what loss_curve.png plots
+
     def __init__(self, cfg: RecipeConfig, overrides: list[str] | None = None):
         self.cfg = cfg
         self.overrides = overrides or []
@@ -154,7 +155,7 @@ class SFTRecipe:
                 "lr": self.student.lrs(),
                 "grad_norm": self.student.grad_norm(),
                 "tokens_per_s": totals[-1] / elapsed,
-                **{k: v for k, v in counts.items()},
+                **counts,
                 "step_time_s": elapsed,
             }
             if self.dist.is_main:
