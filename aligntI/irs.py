@@ -45,8 +45,6 @@ def collect_focus(forward, model, loader, device, dtype, show_progress: bool = T
                                                              cap.vis_valid.to(device)) for layer in range(n_layers)])
         focus.append(per_layer[:, rows.to(device)].float().cpu())
         images += [name for name, keep in zip(batch["images"], rows.tolist()) if keep]
-    width = max((f.shape[-1] for f in focus), default=0)
-    focus = [F.pad(f, (0, width - f.shape[-1])) for f in focus]  # only if image sizes differed
     return (torch.cat(focus, dim=1) if focus else torch.zeros(n_layers, 0, 0)), images, left_out
 
 
