@@ -156,11 +156,12 @@ class TeacherConfig:
 
 @dataclass
 class LossWeights:
-    """λ of each term of ``λ_sft·L_sft + λ_kd·L_kd + λ_iva·L_iva`` (SPEC §1; default 1 for all)."""
+    """λ of each term of ``λ_sft·L_sft + λ_kd·L_kd + λ_iva·L_iva + λ_tpa·L_tpa`` (SPEC §1; default 1 for all)."""
 
     sft: float = 1.0
     kd: float = 1.0
     iva: float = 1.0
+    tpa: float = 1.0
 
     def validate(self) -> None:
         for key, value in dataclasses.asdict(self).items():
@@ -221,6 +222,23 @@ class IVAConfig:
 
 
 @dataclass
+class TPAConfig:
+    """Transition probability alignment (SPEC §5)."""
+
+    candidates: int = 4  # d tokens per response position
+    source: Literal["student", "teacher", "gt_bigram"] = "student"  # whose distribution the candidates come from
+    exclude_gt: bool = True  # never draw the ground-truth token (its transition is the next KD row)
+    weighting: Literal["uniform", "student_prob"] = "uniform"  # candidate weights within a position
+    max_positions: int | None = None  # per sample, drawn at random each step; default: every response position
+
+    def validate(self) -> None:
+        if self.candidates < 1:
+            raise ConfigError(f"tpa.candidates: must be >= 1, got {self.candidates}")
+        if self.max_positions is not None and self.max_positions < 1:
+            raise ConfigError(f"tpa.max_positions: must be >= 1 (or null for all), got {self.max_positions}")
+
+
+@dataclass
 class IRSConfig:
     """Calibration for ``iva.layer: auto`` (SPEC §3)."""
 
@@ -252,6 +270,7 @@ class RecipeConfig:
     loss: LossWeights | None = None
     kd: KDConfig | None = None
     iva: IVAConfig | None = None
+    tpa: TPAConfig | None = None
     irs: IRSConfig | None = None
 
     def validate(self) -> None:
@@ -260,7 +279,7 @@ class RecipeConfig:
         self.optim.validate()
         self.train.validate()
         ds = check_ds_config(self.engine)
-        distill_sections = ("loss", "kd", "iva", "irs")
+        distill_sections = ("loss", "kd", "iva", "tpa", "irs")
         if self.teacher is None:
             given = [k for k in distill_sections if getattr(self, k) is not None]
             if given:
@@ -272,10 +291,11 @@ class RecipeConfig:
         self.loss = self.loss or LossWeights()
         self.kd = self.kd or KDConfig()
         self.iva = self.iva or IVAConfig()
+        self.tpa = self.tpa or TPAConfig()
         self.irs = self.irs or IRSConfig()
         for key in distill_sections:
             getattr(self, key).validate()
-        if self.loss.sft + self.loss.kd + self.loss.iva == 0:
+        if self.loss.sft + self.loss.kd + self.loss.iva + self.loss.tpa == 0:
             raise ConfigError("loss: every weight is 0; nothing would train")
 
 

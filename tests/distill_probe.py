@@ -6,21 +6,28 @@ After training, on every rank:
 * the teacher's parameters (gathered from their ZeRO-3 shards) equal a fresh load from disk, and have no grads;
 * the teacher engine (ZeRO-3, eval) and the student engine (ZeRO-3, train mode, activation checkpointing, backward
   run inside the capture) capture instruction→vision probabilities equal to eager ``output_attentions`` of a plain
-  model holding the same weights.
+  model holding the same weights;
+* TPA: both engines' candidate logits equal separate forwards of prefix + candidate of those plain models (padded
+  batch; the student's pass also runs backward); the candidates come from the configured source (same draw as
+  ``draw_candidates`` on that source's scores), are distinct and never the ground truth; the gt_bigram table
+  merged over ranks counts every response token of the training data once.
 """
 
 import json
 import sys
 
 import torch
+from test_tpa_pass import separate_candidate_logits
 
 from aligntI import engine as ds
 from aligntI.config import AttentionConfig, DataConfig, DataSource, load_recipe
 from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks.attention import AttentionCapture, decoder_layers, padded_positions
+from aligntI.hooks.transitions import CandidateBatch, PrefixCache
+from aligntI.losses.tpa import draw_candidates
 from aligntI.models.loading import load_model
-from aligntI.training.distill import DistillRecipe
+from aligntI.training.distill import DistillRecipe, count_response_bigrams, scored_rows
 
 
 def eager_probs(model, batch, layer):
@@ -40,6 +47,42 @@ def plain_copy(path, engine_module):
         state = {k: v.detach().clone() for k, v in engine_module.state_dict().items()}
     plain.load_state_dict(state)
     return plain
+
+
+def check_tpa(recipe, batch, plain_teacher, plain_student) -> dict:
+    inputs = model_inputs(batch)
+    rows = scored_rows(batch["labels"])
+    targets = batch["labels"][:, 1:][rows[:, :-1]]
+    t_prefix, s_prefix = PrefixCache(), PrefixCache()
+    t_logits = recipe.teacher(**inputs, logits_to_keep=rows, use_cache=False, prefix_cache=t_prefix).logits
+    s_logits = recipe.student(**inputs, logits_to_keep=rows, use_cache=False, prefix_cache=s_prefix).logits
+    mb = {"tpa_rows": rows, "tpa_seed": 1234}
+    out = {"tpa_source_matches": {}}
+    recipe.bigrams = count_response_bigrams(recipe.processor, recipe.cfg, recipe.dist)
+    response_tokens = sum(int((b["labels"] != -100).sum()) for b in build_sequential_loader(
+        recipe.processor, recipe.cfg.data, batch_size=64))
+    out["bigram_total"], out["response_tokens"] = recipe.bigrams.total, response_tokens
+    bigram_scores = recipe.bigrams.scores(batch["input_ids"][rows])
+    for source, scores in (("student", s_logits), ("teacher", t_logits), ("gt_bigram", bigram_scores)):
+        recipe.cfg.tpa.source = source
+        _, candidates, weights = recipe.candidates(mb, inputs, rows, targets, t_logits, s_logits)
+        oracle = draw_candidates(scores, targets, recipe.cfg.tpa.candidates, exclude_gt=True,
+                                 generator=torch.Generator().manual_seed(1234))
+        distinct = all(len(set(c)) == len(c) for c in candidates.tolist())
+        out["tpa_source_matches"][source] = bool(torch.equal(candidates, oracle)) and distinct and \
+            not (candidates == targets[:, None]).any().item() and bool(torch.allclose(weights.sum(-1), torch.ones(1)))
+    layout = CandidateBatch(rows, candidates, inputs["attention_mask"], inputs["position_ids"])
+    t_next = recipe.teacher(**layout.model_inputs(t_prefix)).logits
+    s_next = recipe.student(**layout.model_inputs(s_prefix)).logits
+    recipe.student.backward(s_next.float().logsumexp(-1).mean() + s_logits.float().pow(2).mean())
+    recipe.student.engine.zero_grad()
+    with torch.no_grad():
+        out["tpa_teacher_max_err"] = float((t_next - separate_candidate_logits(plain_teacher, batch, rows,
+                                                                               candidates)).abs().max())
+        out["tpa_student_max_err"] = float((s_next.detach() - separate_candidate_logits(plain_student, batch, rows,
+                                                                                        candidates)).abs().max())
+    out["tpa_candidates"] = candidates.numel()
+    return out
 
 
 def main(recipe_path, probe_data, out_path):
@@ -84,6 +127,7 @@ def main(recipe_path, probe_data, out_path):
                                             for i in range(n_student))
     result["instruction_lengths"] = sorted(set(batch["instruction_mask"].sum(-1).tolist()))
     recipe.student.engine.zero_grad()
+    result.update(check_tpa(recipe, batch, plain_teacher, plain_student))
     recipe.finish()
     if recipe.dist.is_main:
         with open(out_path, "w") as f:

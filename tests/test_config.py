@@ -166,16 +166,19 @@ DISTILL = {**BASE, "teacher": {"path": "t"}}
 
 def test_distillation_defaults_are_filled_and_dumped(tmp_path):
     cfg = load_recipe(write(tmp_path, DISTILL))
-    assert (cfg.loss.sft, cfg.loss.kd, cfg.loss.iva) == (1.0, 1.0, 1.0)  # SPEC §1: every λ defaults to 1
+    assert (cfg.loss.sft, cfg.loss.kd, cfg.loss.iva, cfg.loss.tpa) == (1.0, 1.0, 1.0, 1.0)  # SPEC §1: every λ is 1
     assert cfg.kd.divergence == "forward_kl" and cfg.kd.temperature == 1.0
     assert cfg.iva.layer == "auto" and cfg.iva.mode == "weighted_kl" and cfg.iva.weights == "teacher_attention"
     assert cfg.irs.samples == 256 and cfg.irs.pairing == "any"
+    assert (cfg.tpa.candidates, cfg.tpa.source, cfg.tpa.exclude_gt, cfg.tpa.weighting, cfg.tpa.max_positions) == \
+        (4, "student", True, "uniform", None)  # SPEC §5
     assert load_recipe(write(tmp_path, {**DISTILL, "iva": {"layer": 3}})).iva.layer == 3
 
 
 @pytest.mark.parametrize("patch, fragment", [
     ({"kd": {"temperature": 2.0}}, "kd: distillation settings need a teacher"),
     ({"iva": {"layer": 1}}, "iva: distillation settings need a teacher"),
+    ({"tpa": {"candidates": 2}}, "tpa: distillation settings need a teacher"),
 ])
 def test_distillation_sections_need_a_teacher(tmp_path, patch, fragment):
     assert fragment in error_of(tmp_path, {**BASE, **patch})
@@ -192,8 +195,13 @@ def test_distillation_sections_need_a_teacher(tmp_path, patch, fragment):
     ({"iva": {"student_layer": 1}}, "iva.student_layer: only used by iva.mode: attention"),
     ({"irs": {"pairing": "same_question"}}, "irs.pairing: 'same_question' is not one of"),
     ({"irs": {"images": "imgs/"}}, "irs.images: only used with irs.data"),
-    ({"loss": {"sft": 0, "kd": 0, "iva": 0}}, "loss: every weight is 0"),
-    ({"loss": {"tpa": 1.0}}, "loss.tpa: unknown key"),
+    ({"loss": {"sft": 0, "kd": 0, "iva": 0, "tpa": 0}}, "loss: every weight is 0"),
+    ({"loss": {"tpa": "yes"}}, "loss.tpa: expected a number"),
+    ({"tpa": {"candidates": 0}}, "tpa.candidates: must be >= 1"),
+    ({"tpa": {"source": "uniform"}}, "tpa.source: 'uniform' is not one of"),
+    ({"tpa": {"weighting": "teacher_prob"}}, "tpa.weighting: 'teacher_prob' is not one of"),
+    ({"tpa": {"max_positions": 0}}, "tpa.max_positions: must be >= 1"),
+    ({"tpa": {"d": 4}}, "tpa.d: unknown key"),
     ({"teacher": {"path": "t", "offload_params": True},
       "engine": {"ds_config": str(REPO / "ds_configs" / "zero2.json"), "zero_stage": 2}},
      "teacher.offload_params: needs ZeRO-3"),

@@ -7,7 +7,7 @@ import torch
 from conftest import REPO, kill_when, launch, write_recipe, write_tiny_model
 from test_attention_capture import write_mixed
 
-TERMS = ("loss", "sft", "kd", "iva", "top1_agreement")
+TERMS = ("loss", "sft", "kd", "iva", "tpa", "top1_agreement")
 
 
 def read_metrics(run_dir):
@@ -15,7 +15,7 @@ def read_metrics(run_dir):
 
 
 def distill_recipe(tmp_path, name, student, teacher_dir, digitgrid, ds_config, **sections):
-    base = dict(teacher={"path": str(teacher_dir)}, loss={"sft": 1.0, "kd": 1.0, "iva": 1.0},
+    base = dict(teacher={"path": str(teacher_dir)}, loss={"sft": 1.0, "kd": 1.0, "iva": 1.0, "tpa": 1.0},
                 iva={"layer": "auto"}, irs={"samples": 16})
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
@@ -44,14 +44,21 @@ def test_distill_zero3_two_ranks(tmp_path, tiny_model, tiny_student, digitgrid, 
     # Capture under ZeRO-3 (teacher engine; student with activation checkpointing) equals eager attention maps.
     assert len(probe["instruction_lengths"]) > 2
     assert probe["teacher_capture_max_err"] <= 1e-5 and probe["student_capture_max_err"] <= 1e-5
+    # TPA under ZeRO-3: candidate logits of both engines equal separate forwards of prefix + candidate, and the
+    # candidates are the configured source's draw (distinct, never the ground truth) for all three sources.
+    assert probe["tpa_candidates"] > 20
+    assert probe["tpa_teacher_max_err"] <= 2e-5 and probe["tpa_student_max_err"] <= 2e-5
+    assert probe["tpa_source_matches"] == {"student": True, "teacher": True, "gt_bigram": True}
+    assert probe["bigram_total"] == probe["response_tokens"] > 0
 
     run = tmp_path / "run"
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == list(range(1, 13))
     for m in metrics:
         assert all(m[k] == m[k] and m[k] >= 0 for k in TERMS), m  # finite, logged every step
-        assert m["loss"] == pytest.approx(m["sft"] + m["kd"] + m["iva"], rel=1e-6)
+        assert m["loss"] == pytest.approx(m["sft"] + m["kd"] + m["iva"] + m["tpa"], rel=1e-6)
         assert 0 <= m["top1_agreement"] <= 1 and m["iva_samples"] > 0
+        assert m["tpa_positions"] == m["response_tokens"] > 0  # every response position, no cap
     irs = json.loads((run / "irs.json").read_text())
     assert irs["samples"] == 16 and len(irs["irs"]) == 2 and f"iva.layer {irs['chosen_layer']}" in proc.stdout
     assert "nothing to score for iva" in proc.stdout  # image-free micro-batches were logged, not divided by 0
@@ -69,6 +76,7 @@ def test_distill_zero3_two_ranks(tmp_path, tiny_model, tiny_student, digitgrid, 
 
 def test_distill_resume_is_exact(tmp_path, tiny_model, tiny_student, digitgrid, zero3_partitioned):
     common = dict(iva={"layer": 1, "top_ratio": 0.5}, kd={"divergence": "jsd", "temperature": 2.0},
+                  tpa={"candidates": 3, "weighting": "student_prob", "max_positions": 2},
                   train={"max_steps": 16, "save_every": 6}, data={"num_workers": 1})
     straight = distill_recipe(tmp_path, "a", tiny_student, tiny_model, digitgrid, zero3_partitioned, **common)
     broken = distill_recipe(tmp_path, "b", tiny_student, tiny_model, digitgrid, zero3_partitioned, **common)
@@ -133,3 +141,22 @@ def test_single_process_zero2_attention_mode(tmp_path, tiny_model, tiny_student,
     proc = launch(["recipes/train.py", "--config", str(recipe), "iva.layer=7", f"run_dir={tmp_path / 'bad'}"],
                   launcher="python", check=False)
     assert proc.returncode == 2 and "iva.layer: 7 is out of range; the teacher has 2 decoder layers" in proc.stderr
+
+
+@pytest.mark.parametrize("source", ["teacher", "gt_bigram"])
+def test_tpa_candidate_sources_train(tmp_path, tiny_model, tiny_student, digitgrid, source):
+    """The reviewers' ablations: candidates from the teacher or from ground-truth bigrams (single process, ZeRO-2)."""
+    recipe = distill_recipe(
+        tmp_path, "run", tiny_student, tiny_model, digitgrid, str(REPO / "ds_configs" / "zero2.json"),
+        engine={"zero_stage": 2}, loss={"iva": 0.0}, tpa={"source": source, "candidates": 2, "max_positions": 1},
+        train={"max_steps": 3, "global_batch_size": 4},
+    )
+    proc = launch(["recipes/train.py", "--config", str(recipe)], launcher="python")
+    assert f"2 candidates per response position from the {source}" in proc.stdout
+    if source == "gt_bigram":
+        assert "TPA gt_bigram source:" in proc.stdout
+    metrics = read_metrics(tmp_path / "run")
+    assert len(metrics) == 3
+    for m in metrics:
+        assert m["tpa"] > 0 and m["tpa"] == m["tpa"]
+        assert m["tpa_positions"] <= 4 < m["response_tokens"]  # one position per sample

@@ -2,7 +2,8 @@
 attention interface (ENGINEERING §1, design B).
 
 :func:`install` overrides the built-in backends (``sdpa``, ``eager``, ``flash_attention_2/3``) once, process-wide,
-with a wrapper that always calls the original function unchanged. Only attention modules registered by an
+with a wrapper that always calls the original function unchanged (TPA's candidate pass aside: its keywords are
+handled by hooks/transitions.py). Only attention modules registered by an
 active :class:`AttentionCapture` do extra work: they recompute the instruction-query rows of Q·Kᵀ over **all**
 keys, apply the causal and padding mask, take the softmax over the whole row and keep only the vision columns
 (SPEC §3). Every other layer and model runs its fast kernel untouched; nothing sets ``output_attentions``.
@@ -20,6 +21,8 @@ from functools import partial
 
 import torch
 from transformers import AttentionInterface
+
+from aligntI.hooks.transitions import candidate_kernel
 
 WRAPPED_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 _originals: dict[str, object] = {}
@@ -42,11 +45,17 @@ def _model_eager(module):
     return fn
 
 
-def _attention(backend, module, query, key, value, attention_mask, **kwargs):
+def _attention(backend, module, query, key, value, attention_mask, prefix_cache=None, candidates=None, **kwargs):
+    # prefix_cache / candidates: TPA's ground-truth and candidate passes (hooks/transitions.py).
+    original = _originals[backend] or _model_eager(module)
+    if candidates is not None:  # reads the prefix its model's ground-truth pass recorded; never captured
+        return candidates.attend(candidate_kernel(backend, original), prefix_cache, module, query, key, value,
+                                 **kwargs)
     capture = _active.get(id(module))
     if capture is not None:
         capture._record(module, query, key, kwargs.get("scaling"), kwargs.get("sliding_window"))
-    original = _originals[backend] or _model_eager(module)
+    if prefix_cache is not None:
+        prefix_cache.record(module.layer_idx, key, value)
     return original(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -1,10 +1,13 @@
-"""Align-TI distillation, part 1: ``λ_sft·L_sft + λ_kd·L_kd + λ_iva·L_iva`` on top of the SFT loop.
+"""Align-TI distillation: ``λ_sft·L_sft + λ_kd·L_kd + λ_iva·L_iva + λ_tpa·L_tpa`` on top of the SFT loop.
 
 Per micro-batch: the frozen teacher engine runs (every rank, every step; under ``no_grad``), capturing its
 IVA layer's instruction→vision attention when the IVA weights need it; then the student runs and both
 models' logits are computed only at the rows the losses score (response positions, plus vision positions
-for IVA) through ``logits_to_keep``. Normalisers (response tokens, IVA samples) are global-batch counts, so
-every term is a mean over the whole global batch whatever the micro-batching and world size.
+for IVA) through ``logits_to_keep``. With TPA both ground-truth passes also record their keys/values; d
+candidates per scored response row are drawn, and one short candidate pass per model scores them against
+that record (hooks/transitions.py): ``L + d·|R|`` tokens per model instead of the paper's extra student pass
+plus two expanded passes. Normalisers (response tokens, IVA samples, TPA positions) are global-batch counts,
+so every term is a mean over the whole global batch whatever the micro-batching and world size.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig
@@ -19,11 +23,14 @@ from transformers import AutoConfig
 from aligntI import engine as ds
 from aligntI.config import ConfigError, RecipeConfig
 from aligntI.data.dataset import model_inputs
+from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks import attention as capture
+from aligntI.hooks.transitions import CandidateBatch, PrefixCache
 from aligntI.irs import calibrate_iva_layer
 from aligntI.losses.iva import attention_kl_sum, instruction_to_vision_focus, iva_weights
 from aligntI.losses.kd import top1_agreement, weighted_divergence_sum
 from aligntI.losses.sft import rows_ce_sum
+from aligntI.losses.tpa import BigramTable, candidate_weights, draw_candidates, select_rows
 from aligntI.models.compat import check_compatible
 from aligntI.models.loading import load_model, load_processor
 from aligntI.training.accounting import micro_loss_scale
@@ -35,11 +42,38 @@ def relative_depth_layer(teacher_layer: int, teacher_layers: int, student_layers
     return min(student_layers - 1, int((teacher_layer + 0.5) / teacher_layers * student_layers))
 
 
+def scored_rows(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` bool: the positions whose logits predict a response token (the shifted label mask)."""
+    rows = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    rows[:, :-1] = labels[:, 1:] != -100
+    return rows
+
+
+def count_response_bigrams(processor, cfg: RecipeConfig, dist) -> BigramTable:
+    """(token, next response token) counts over the recipe's training data, sharded over ranks and merged."""
+    loader = build_sequential_loader(processor, cfg.data, batch_size=64, rank=dist.rank,
+                                     world_size=dist.world_size)
+    vocab = len(processor.tokenizer)
+    table = BigramTable.from_pairs(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), vocab)
+    for batch in loader:
+        table = table.merge(BigramTable.from_pairs(*BigramTable.count_pairs(batch["input_ids"], batch["labels"]),
+                                                   vocab))
+    if dist.world_size > 1:
+        parts = [None] * dist.world_size
+        torch.distributed.all_gather_object(parts, table.state_dict())
+        table = BigramTable.from_state_dict(parts[0])
+        for part in parts[1:]:
+            table = table.merge(BigramTable.from_state_dict(part))
+    return table
+
+
 class DistillRecipe(SFTRecipe):
-    LOSS_TERMS = ("loss", "sft", "kd", "iva")
+    LOSS_TERMS = ("loss", "sft", "kd", "iva", "tpa")
+
     def __init__(self, cfg: RecipeConfig, overrides: list[str] | None = None):
         super().__init__(cfg, overrides)
         self.iva_on = cfg.loss.iva > 0
+        self.tpa_on = cfg.loss.tpa > 0
         self.needs_teacher_attention = self.iva_on and cfg.iva.uses_teacher_attention
         self.empty = {"response": 0, "iva": 0}  # micro-batches of this rank with nothing to score, per term
 
@@ -77,6 +111,23 @@ class DistillRecipe(SFTRecipe):
                      + (f", student layer {self.student_layer}" if self.student_layer is not None else ""))
         elif self.iva_on:
             self.log("IVA: uniform weights over vision tokens (no teacher attention needed)")
+        self.bigrams = None
+        if self.tpa_on:
+            tpa = cfg.tpa
+            for key, model in (("teacher", self.teacher.module), ("model", self.student.module)):
+                backend = model.config.get_text_config()._attn_implementation
+                if backend not in capture.WRAPPED_BACKENDS:  # the candidate pass needs the wrapped kernels
+                    raise ConfigError(f"{key}.attn_implementation.text: {backend!r} cannot run TPA's candidate "
+                                      f"pass; use one of {list(capture.WRAPPED_BACKENDS)}")
+            if tpa.source == "gt_bigram":
+                self.bigrams = count_response_bigrams(self.processor, cfg, self.dist)
+                self.log(f"TPA gt_bigram source: {self.bigrams.total} response-token pairs, {len(self.bigrams)} "
+                         "distinct, from the training data")
+            if tpa.candidates >= self.shared.size:
+                raise ConfigError(f"tpa.candidates: {tpa.candidates} must be below the shared vocabulary "
+                                  f"({self.shared.size})")
+            self.log(f"TPA: {tpa.candidates} candidates per response position from the {tpa.source}, "
+                     f"exclude_gt {tpa.exclude_gt}, {tpa.weighting} weights, max_positions {tpa.max_positions}")
 
     def _resolve_iva_layer(self) -> int:
         cfg = self.cfg
@@ -102,14 +153,27 @@ class DistillRecipe(SFTRecipe):
     def global_counts(self, micro: list[dict], step: int) -> dict[str, float]:
         resp = sum(float((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
         iva = sum(float(self._iva_rows(mb).sum()) for mb in micro) if self.iva_on else 0.0
-        resp, iva = ds.all_reduce_sum([resp, iva], self.dist.device)
+        tpa = 0.0
+        if self.tpa_on:  # positions drawn here (CPU, seeded by step) so their global count is the normaliser
+            for i, mb in enumerate(micro):
+                mb["tpa_seed"] = self._seed(step, i)
+                generator = torch.Generator().manual_seed(mb["tpa_seed"])
+                mb["tpa_rows"] = select_rows(scored_rows(mb["labels"]), self.cfg.tpa.max_positions, generator)
+                tpa += float(mb["tpa_rows"].sum())
+        resp, iva, tpa = ds.all_reduce_sum([resp, iva, tpa], self.dist.device)
         if resp == 0:
-            self.log(f"step {step}: no response tokens in the whole global batch; sft and kd are 0 this step")
+            self.log(f"step {step}: no response tokens in the whole global batch; sft, kd and tpa are 0 this step")
         if self.iva_on and iva == 0:
             need = "an image and instruction tokens" if self.cfg.iva.uses_teacher_attention else "an image"
             raise RuntimeError(f"step {step}: loss.iva is {self.cfg.loss.iva} but no sample in the whole global "
                                f"batch has {need}; IVA has nothing to align (set loss.iva: 0 for such data)")
-        return {"response_tokens": resp, **({"iva_samples": iva} if self.iva_on else {})}
+        return {"response_tokens": resp, **({"iva_samples": iva} if self.iva_on else {}),
+                **({"tpa_positions": tpa} if self.tpa_on else {})}
+
+    def _seed(self, step: int, micro_index: int) -> int:
+        """A seed fixed by (recipe seed, step, micro-batch, rank): a resumed run draws the same candidates."""
+        entropy = [self.cfg.seed, step, micro_index, self.dist.rank]
+        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
     def _iva_rows(self, mb: dict) -> torch.Tensor:
         """Samples the IVA term scores: with an image, and instruction tokens when teacher attention is used."""
@@ -138,16 +202,19 @@ class DistillRecipe(SFTRecipe):
         if self.iva_on and cfg.iva.mode == "weighted_kl":  # IVA's KL is read at the vision positions
             keep |= masks["vision_mask"] & iva_rows[:, None]
 
+        # TPA: the ground-truth passes record their keys/values for the candidate passes.
+        t_prefix, s_prefix = (PrefixCache(), PrefixCache()) if self.tpa_on else (None, None)
         teacher_capture = self._capture(self.teacher.module, self.iva_layer, masks) \
             if self.needs_teacher_attention else contextlib.nullcontext()
         with teacher_capture as t_cap:
-            t_logits = self.teacher(**inputs, logits_to_keep=keep, use_cache=False).logits
+            t_logits = self.teacher(**inputs, logits_to_keep=keep, use_cache=False, prefix_cache=t_prefix).logits
         t_logits = t_logits[:, : self.shared.size]
 
         student_capture = self._capture(self.student.module, self.student_layer, masks) \
             if self.student_layer is not None else contextlib.nullcontext()
         with student_capture as s_cap:  # backward inside: an activation-checkpoint recompute must see it
-            s_logits = self.student(**inputs, logits_to_keep=keep, use_cache=False).logits[:, : self.shared.size]
+            s_logits = self.student(**inputs, logits_to_keep=keep, use_cache=False,
+                                    prefix_cache=s_prefix).logits[:, : self.shared.size]
             targets = targets_full[keep]
             resp = targets != -100
             kd = cfg.kd
@@ -162,6 +229,9 @@ class DistillRecipe(SFTRecipe):
             if self.iva_on:
                 sums["iva"] = self._iva_sum(t_logits, s_logits, keep, masks, iva_rows, t_cap, s_cap)
                 total = total + micro_loss_scale(counts["iva_samples"], world, accum) * cfg.loss.iva * sums["iva"]
+            if self.tpa_on:
+                sums["tpa"] = self._tpa_sum(mb, inputs, keep, targets, t_logits, s_logits, t_prefix, s_prefix)
+                total = total + micro_loss_scale(counts["tpa_positions"], world, accum) * cfg.loss.tpa * sums["tpa"]
             self.student.backward(total)
         self.student.step()
         sums["top1_agree"] = top1_agreement(t_logits[resp], s_logits[resp].detach())
@@ -198,6 +268,35 @@ class DistillRecipe(SFTRecipe):
         return weighted_divergence_sum(t_logits, s_logits, per_position[keep], kind="forward_kl",
                                        chunk_size=self.cfg.kd.chunk_size)
 
+    def candidates(self, mb, inputs, keep, targets, t_logits, s_logits):
+        """This micro-batch's TPA positions ``[B, L]``, their candidates ``[N, d]`` and weights ``[N, d]``.
+
+        ``t_logits``/``s_logits``/``targets`` are the ground-truth passes' rows at ``keep`` (row-major order).
+        """
+        tpa, dev = self.cfg.tpa, self.dist.device
+        rows = mb["tpa_rows"].to(dev)
+        at = rows[keep]  # the TPA positions among the kept logit rows (same row-major order)
+        s_rows = s_logits[at].detach()
+        if tpa.source == "student":
+            scores = s_rows
+        elif tpa.source == "teacher":
+            scores = t_logits[at]
+        else:
+            scores = self.bigrams.scores(inputs["input_ids"][rows], device=dev)[:, : self.shared.size]
+        generator = torch.Generator(device=dev).manual_seed(mb["tpa_seed"])
+        candidates = draw_candidates(scores, targets[at], tpa.candidates, exclude_gt=tpa.exclude_gt,
+                                     generator=generator, chunk_size=self.cfg.kd.chunk_size)
+        return rows, candidates, candidate_weights(s_rows, candidates, tpa.weighting)
+
+    def _tpa_sum(self, mb, inputs, keep, targets, t_logits, s_logits, t_prefix, s_prefix) -> torch.Tensor:
+        """Σ over this micro-batch's TPA positions of Σ_v w_v·KL(p_T(·|c_t, v) ‖ p_S(·|c_t, v)) (SPEC §5)."""
+        rows, candidates, weights = self.candidates(mb, inputs, keep, targets, t_logits, s_logits)
+        layout = CandidateBatch(rows, candidates, inputs["attention_mask"], inputs["position_ids"])
+        t_next = self.teacher(**layout.model_inputs(t_prefix)).logits[:, : self.shared.size]
+        s_next = self.student(**layout.model_inputs(s_prefix)).logits[:, : self.shared.size]
+        return weighted_divergence_sum(t_next, s_next, weights.flatten(), kind="forward_kl",
+                                       chunk_size=self.cfg.kd.chunk_size)
+
     def _empty(self, term: str) -> None:
         self.empty[term] += 1
         if self.empty[term] <= 3:
@@ -212,6 +311,9 @@ class DistillRecipe(SFTRecipe):
         if self.iva_on:
             out["iva"] = totals["iva"] / max(counts["iva_samples"], 1.0)
             loss += self.cfg.loss.iva * out["iva"]
+        if self.tpa_on:
+            out["tpa"] = totals["tpa"] / max(counts["tpa_positions"], 1.0)
+            loss += self.cfg.loss.tpa * out["tpa"]
         return {"loss": loss, **out}
 
     def finish(self) -> dict | None:

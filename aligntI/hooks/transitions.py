@@ -1,0 +1,100 @@
+"""TPA's candidate pass (SPEC §5): candidate tokens scored against the ground-truth pass's own keys and values.
+
+The paper runs one expanded sequence per model with a dense "ribbon" mask, after an extra student pass to
+sample the candidates. Here the ground-truth pass (the one that already gives the SFT/KD logits) records every
+decoder layer's keys and values into a :class:`PrefixCache`; after sampling, a second forward over just the
+candidates (``[B, K]`` tokens, no image) attends to that record: candidate ``v`` standing at position ``t`` sees
+the real keys before ``t`` and itself, nothing else. That is exactly the expanded pass's candidate row, at a
+cost of ``d·|R|`` extra tokens, and the ground-truth logits are the plain pass's by construction.
+
+Both objects travel as keyword arguments of the model forward (transformers hands unknown keywords down to
+the attention function), so an activation-checkpoint recompute sees the same ones and nothing is stored on the
+model. Records are references to tensors autograd keeps anyway (no copy); gradients flow into the prefix
+through them. Flash-attention cannot take the candidate mask, so the candidate pass of a flash model runs SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+
+class PrefixCache:
+    """Keys and values ``[B, H_kv, L, D]`` of each decoder layer, recorded during one forward."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        # An activation-checkpoint recompute replays the layer: keep the tensors of the forward itself.
+        self.layers.setdefault(layer, (key, value))
+
+
+class CandidateBatch:
+    """Candidates laid out ``[B, K]`` per sample, each at the position of the ground-truth token it replaces.
+
+    ``rows [B, L]`` marks the scored positions t (logits at t predict token t+1); ``candidates [N, d]`` holds
+    d tokens for each True row in row-major order. Candidate j of row (b, t) sits at slot
+    ``rank_b(t)·d + j`` of sample b, with index t+1 in the ground-truth sequence and that token's position id.
+    Model logits read with ``logits_to_keep=self.valid`` come back ``[N·d, V]`` in ``candidates.flatten()``
+    order. A batch with no row gets one masked dummy slot per sample, so every rank runs the same modules.
+    """
+
+    def __init__(self, rows: torch.Tensor, candidates: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor):
+        device = candidates.device
+        rows = rows.to(device)
+        batch, d = rows.shape[0], candidates.shape[1]
+        per_sample = rows.sum(-1)
+        width = max(int(per_sample.max()) * d, 1) if rows.numel() else 1
+        b, t = rows.nonzero(as_tuple=True)
+        rank = torch.arange(b.numel(), device=device) - (per_sample.cumsum(0) - per_sample)[b]
+        slot = rank[:, None] * d + torch.arange(d, device=device)
+        self.input_ids = torch.zeros((batch, width), dtype=torch.long, device=device)
+        self.input_ids[b[:, None], slot] = candidates
+        self.index = torch.zeros((batch, width), dtype=torch.long, device=device)  # where it stands in the sequence
+        self.index[b[:, None], slot] = (t + 1)[:, None]
+        self.position_ids = position_ids.to(device).gather(1, self.index)
+        self.valid = torch.zeros((batch, width), dtype=torch.bool, device=device)
+        self.valid[b[:, None], slot] = True
+        self.key_valid = attention_mask.to(device).bool()
+
+    def model_inputs(self, prefix: PrefixCache) -> dict:
+        """Keyword arguments of one model's candidate forward over the prefix that model recorded (no image)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "logits_to_keep": self.valid,
+                "use_cache": False, "prefix_cache": prefix, "candidates": self}
+
+    def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """Additive ``[B, 1, K, L + K]`` mask: real keys before the candidate's index, then itself only.
+
+        Float, not bool: eager kernels add the mask, so a bool one would be silently wrong (ENGINEERING §8).
+        """
+        length = self.key_valid.shape[1]
+        keys = torch.arange(length, device=self.index.device)
+        seen = (keys < self.index[..., None]) & self.key_valid[:, None, :]
+        if sliding_window is not None:  # same window as the ground-truth token at that index
+            seen &= self.index[..., None] - keys < sliding_window
+        width = self.index.shape[1]
+        itself = torch.eye(width, dtype=torch.bool, device=seen.device).expand(seen.shape[0], width, width)
+        allowed = torch.cat([seen, itself], dim=-1)[:, None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=seen.device).masked_fill(~allowed,
+                                                                                       torch.finfo(dtype).min)
+
+    def attend(self, kernel, prefix: PrefixCache, module, query, key, value, **kwargs):
+        """The candidate rows' attention over [recorded prefix ; own key]; ``kernel`` is sdpa or eager."""
+        if prefix is None or module.layer_idx not in prefix.layers:
+            raise RuntimeError(f"TPA candidate pass: layer {module.layer_idx} has no recorded prefix; run the "
+                               "ground-truth forward with prefix_cache= first")
+        past_key, past_value = prefix.layers[module.layer_idx]
+        if past_key.shape[2] != self.key_valid.shape[1]:
+            raise RuntimeError(f"TPA candidate pass: recorded prefix has {past_key.shape[2]} keys, the attention "
+                               f"mask {self.key_valid.shape[1]}")
+        key = torch.cat([past_key.to(key.dtype), key], dim=2)
+        value = torch.cat([past_value.to(value.dtype), value], dim=2)
+        mask = self.mask(kwargs.pop("sliding_window", None), query.dtype)
+        return kernel(module, query, key, value, mask, **kwargs)
+
+
+def candidate_kernel(backend: str, original):
+    """The kernel that can take the candidate mask: the backend's own for sdpa/eager, else SDPA."""
+    return original if backend in ("sdpa", "eager") else sdpa_attention_forward
