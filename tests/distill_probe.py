@@ -67,10 +67,12 @@ def check_tpa(recipe, batch, plain_teacher, plain_student) -> dict:
         recipe.cfg.tpa.source = source
         _, candidates, weights = recipe.candidates(mb, inputs, rows, targets, t_logits, s_logits)
         oracle = draw_candidates(scores, targets, recipe.cfg.tpa.candidates, exclude_gt=True,
-                                 generator=torch.Generator().manual_seed(1234))
+                                 generator=torch.Generator().manual_seed(1234),
+                                 never=(recipe.processor.image_token_id,))
         distinct = all(len(set(c)) == len(c) for c in candidates.tolist())
         out["tpa_source_matches"][source] = bool(torch.equal(candidates, oracle)) and distinct and \
-            not (candidates == targets[:, None]).any().item() and bool(torch.allclose(weights.sum(-1), torch.ones(1)))
+            not (candidates == targets[:, None]).any().item() and bool(torch.allclose(weights.sum(-1), torch.ones(1))) \
+            and not (candidates == recipe.processor.image_token_id).any().item()
     layout = CandidateBatch(rows, candidates, inputs["attention_mask"], inputs["position_ids"])
     t_next = recipe.teacher(**layout.model_inputs(t_prefix)).logits
     s_next = recipe.student(**layout.model_inputs(s_prefix)).logits

@@ -81,6 +81,14 @@ def test_draw_candidates_never_draw_neg_inf_tokens_even_below_very_negative_ones
     assert cand.tolist() == [[4, 1], [4, 1]]
 
 
+def test_draw_candidates_never_draw_the_listed_tokens():
+    s = scores(14)
+    s[:, 3] = 50.0  # the most likely token by far, but listed as never drawable
+    cand = draw_candidates(s, gt_ids(15), 4, exclude_gt=True, generator=gen(16), never=(3, 5))
+    assert not ((cand == 3) | (cand == 5)).any()
+    assert (draw_candidates(s, gt_ids(15), 4, exclude_gt=False, generator=gen(16))[:, 0] == 3).all()
+
+
 def test_draw_candidates_reproducible_with_the_same_seed_and_not_with_another():
     s, gt = scores(14, n=64, v=50), gt_ids(15, n=64, v=50)
     a = draw_candidates(s, gt, 5, exclude_gt=True, generator=gen(16))

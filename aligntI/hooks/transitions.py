@@ -58,6 +58,7 @@ class CandidateBatch:
         self.valid = torch.zeros((batch, width), dtype=torch.bool, device=device)
         self.valid[b[:, None], slot] = True
         self.key_valid = attention_mask.to(device).bool()
+        self._masks: dict[tuple, torch.Tensor] = {}  # one per (sliding window, dtype): layers share it
 
     def model_inputs(self, prefix: PrefixCache) -> dict:
         """Keyword arguments of one model's candidate forward over the prefix that model recorded (no image)."""
@@ -69,6 +70,11 @@ class CandidateBatch:
 
         Float, not bool: eager kernels add the mask, so a bool one would be silently wrong (ENGINEERING §8).
         """
+        if (sliding_window, dtype) not in self._masks:
+            self._masks[sliding_window, dtype] = self._build_mask(sliding_window, dtype)
+        return self._masks[sliding_window, dtype]
+
+    def _build_mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
         length = self.key_valid.shape[1]
         keys = torch.arange(length, device=self.index.device)
         seen = (keys < self.index[..., None]) & self.key_valid[:, None, :]

@@ -16,10 +16,12 @@ UNSEEN_SCORE = -1e4
 
 @torch.no_grad()
 def draw_candidates(scores: torch.Tensor, ground_truth: torch.Tensor, d: int, *, exclude_gt: bool,
-                    generator: torch.Generator, chunk_size: int = 1024) -> torch.Tensor:
+                    generator: torch.Generator, chunk_size: int = 1024,
+                    never: tuple[int, ...] = ()) -> torch.Tensor:
     """``[N, d]`` distinct token ids per row, sampled without replacement ∝ softmax(scores row), in draw order.
 
-    Tokens with a non-finite score (and the ground truth when ``exclude_gt``) are never drawn. Noise is drawn
+    Tokens with a non-finite score, the ids in ``never`` (e.g. the image placeholder, an input-only token) and
+    the ground truth when ``exclude_gt`` are never drawn. Noise is drawn
     chunk by chunk from ``generator``; on CPU the result does not depend on ``chunk_size`` (torch.rand
     consumes the stream serially), on CUDA (Philox offsets per call) it is only deterministic per chunk_size.
     """
@@ -34,6 +36,7 @@ def draw_candidates(scores: torch.Tensor, ground_truth: torch.Tensor, d: int, *,
     for start in range(0, n, chunk_size):
         chunk = scores[start:start + chunk_size].detach()
         drawable = torch.isfinite(chunk)
+        drawable[:, list(never)] = False
         if exclude_gt:
             gt = ground_truth[start:start + chunk_size].to(chunk.device).unsqueeze(-1)
             drawable.scatter_(1, gt, False)

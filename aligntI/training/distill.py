@@ -123,9 +123,9 @@ class DistillRecipe(SFTRecipe):
                 self.bigrams = count_response_bigrams(self.processor, cfg, self.dist)
                 self.log(f"TPA gt_bigram source: {self.bigrams.total} response-token pairs, {len(self.bigrams)} "
                          "distinct, from the training data")
-            if tpa.candidates >= self.shared.size:
-                raise ConfigError(f"tpa.candidates: {tpa.candidates} must be below the shared vocabulary "
-                                  f"({self.shared.size})")
+            if tpa.candidates + 2 > self.shared.size:  # the ground truth and the image token are never drawn
+                raise ConfigError(f"tpa.candidates: {tpa.candidates} is too many for a shared vocabulary of "
+                                  f"{self.shared.size} tokens")
             self.log(f"TPA: {tpa.candidates} candidates per response position from the {tpa.source}, "
                      f"exclude_gt {tpa.exclude_gt}, {tpa.weighting} weights, max_positions {tpa.max_positions}")
 
@@ -284,8 +284,11 @@ class DistillRecipe(SFTRecipe):
         else:
             scores = self.bigrams.scores(inputs["input_ids"][rows], device=dev)[:, : self.shared.size]
         generator = torch.Generator(device=dev).manual_seed(mb["tpa_seed"])
+        # The image placeholder is input-only: never a label (so p_S there is untrained) and, inside a sequence,
+        # a slot for image features rather than a token.
         candidates = draw_candidates(scores, targets[at], tpa.candidates, exclude_gt=tpa.exclude_gt,
-                                     generator=generator, chunk_size=self.cfg.kd.chunk_size)
+                                     generator=generator, chunk_size=self.cfg.kd.chunk_size,
+                                     never=(self.processor.image_token_id,))
         return rows, candidates, candidate_weights(s_rows, candidates, tpa.weighting)
 
     def _tpa_sum(self, mb, inputs, keep, targets, t_logits, s_logits, t_prefix, s_prefix) -> torch.Tensor:
