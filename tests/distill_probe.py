@@ -74,8 +74,8 @@ def check_tpa(recipe, batch, plain_teacher, plain_student) -> dict:
             not (candidates == targets[:, None]).any().item() and bool(torch.allclose(weights.sum(-1), torch.ones(1))) \
             and not (candidates == recipe.processor.image_token_id).any().item()
     layout = CandidateBatch(rows, candidates, inputs["attention_mask"], inputs["position_ids"])
-    t_next = recipe.teacher(**layout.model_inputs(t_prefix)).logits
-    s_next = recipe.student(**layout.model_inputs(s_prefix)).logits
+    t_next = layout.in_candidate_order(recipe.teacher(**layout.model_inputs(t_prefix)).logits)
+    s_next = layout.in_candidate_order(recipe.student(**layout.model_inputs(s_prefix)).logits)
     recipe.student.backward(s_next.float().logsumexp(-1).mean() + s_logits.float().pow(2).mean())
     recipe.student.engine.zero_grad()
     with torch.no_grad():

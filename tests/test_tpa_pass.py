@@ -40,7 +40,7 @@ def candidate_pass(model, batch, rows, candidates):
     prefix = PrefixCache()
     ground_truth = model(**model_inputs(batch), use_cache=False, prefix_cache=prefix).logits
     layout = CandidateBatch(rows, candidates, batch["attention_mask"], batch["position_ids"])
-    return ground_truth, model(**layout.model_inputs(prefix)).logits
+    return ground_truth, layout.in_candidate_order(model(**layout.model_inputs(prefix)).logits)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
@@ -97,17 +97,19 @@ def test_candidate_layout():
     candidates = torch.tensor([[5, 6], [7, 8], [9, 10]])
     position_ids = torch.arange(5).expand(3, 5) + 10
     layout = CandidateBatch(rows, candidates, torch.ones(3, 5), position_ids)
-    assert layout.input_ids.tolist() == [[5, 6, 7, 8], [0, 0, 0, 0], [9, 10, 0, 0]]
-    assert layout.index.tolist() == [[2, 2, 4, 4], [0, 0, 0, 0], [1, 1, 0, 0]]
-    assert layout.position_ids.tolist() == [[12, 12, 14, 14], [10, 10, 10, 10], [11, 11, 10, 10]]
-    assert layout.valid.sum() == candidates.numel() and not layout.valid[1].any()
+    # batch row b·d + j: candidate j of each scored position of sample b
+    assert layout.input_ids.tolist() == [[5, 7], [6, 8], [0, 0], [0, 0], [9, 0], [10, 0]]
+    assert layout.index.tolist() == [[2, 4], [2, 4], [0, 0], [0, 0], [1, 0], [1, 0]]
+    assert layout.position_ids.tolist() == [[12, 14], [12, 14], [10, 10], [10, 10], [11, 10], [11, 10]]
+    assert layout.valid.sum() == candidates.numel() and not layout.valid[2:4].any()
+    kept = layout.input_ids[layout.valid]  # what logits_to_keep returns, in slot order
+    assert layout.in_candidate_order(kept).tolist() == candidates.flatten().tolist()
     allowed = layout.mask(None, torch.float32)[:, 0] == 0
-    # candidate 7 (index 4) sees keys 0..3 and itself: not candidates 5/6, not its own ground truth
-    assert allowed[0, 2].tolist() == [True, True, True, True, False, False, False, True, False]
-    assert allowed[0, 0].tolist() == [True, True, False, False, False, True, False, False, False]
+    # candidate 7 (index 4) sees keys 0..3 and itself: not candidate 5 beside it, not its own ground truth
+    assert allowed[0, 1].tolist() == [True, True, True, True, False, False, True]
+    assert allowed[0, 0].tolist() == [True, True, False, False, False, True, False]
     # window 2: like the ground-truth token it replaces, it sees the previous key and itself
-    window = layout.mask(2, torch.float32)[0, 0, 2].eq(0).tolist()
-    assert window == [False, False, False, True, False, False, False, True, False]
+    assert layout.mask(2, torch.float32)[0, 0, 1].eq(0).tolist() == [False, False, False, True, False, False, True]
     empty = CandidateBatch(torch.zeros(2, 3, dtype=torch.bool), torch.zeros(0, 4, dtype=torch.long),
                            torch.ones(2, 3), torch.arange(3).expand(2, 3))
-    assert empty.input_ids.shape == (2, 1) and not empty.valid.any()
+    assert empty.input_ids.shape == (8, 1) and not empty.valid.any()

@@ -3,7 +3,7 @@
 The paper runs one expanded sequence per model with a dense "ribbon" mask, after an extra student pass to
 sample the candidates. Here the ground-truth pass (the one that already gives the SFT/KD logits) records every
 decoder layer's keys and values into a :class:`PrefixCache`; after sampling, a second forward over just the
-candidates (``[B, K]`` tokens, no image) attends to that record: candidate ``v`` standing at position ``t`` sees
+candidates (``d·|R|`` tokens per sample, no image) attends to that record: candidate ``v`` standing at position ``t`` sees
 the real keys before ``t`` and itself, nothing else. That is exactly the expanded pass's candidate row, at a
 cost of ``d·|R|`` extra tokens, and the ground-truth logits are the plain pass's by construction.
 
@@ -31,13 +31,15 @@ class PrefixCache:
 
 
 class CandidateBatch:
-    """Candidates laid out ``[B, K]`` per sample, each at the position of the ground-truth token it replaces.
+    """Candidates laid out ``[B·d, R]``: row ``b·d + j`` holds candidate j of every scored position of sample b.
 
     ``rows [B, L]`` marks the scored positions t (logits at t predict token t+1); ``candidates [N, d]`` holds
-    d tokens for each True row in row-major order. Candidate j of row (b, t) sits at slot
-    ``rank_b(t)·d + j`` of sample b, with index t+1 in the ground-truth sequence and that token's position id.
-    Model logits read with ``logits_to_keep=self.valid`` come back ``[N·d, V]`` in ``candidates.flatten()``
-    order. A batch with no row gets one masked dummy slot per sample, so every rank runs the same modules.
+    d tokens for each True row in row-major order. Each candidate stands at index t+1 of the ground-truth
+    sequence with that token's position id. One candidate index per batch row keeps the candidate×candidate
+    block of the attention (computed, then masked: only the diagonal is allowed) at R² per row instead of
+    (d·R)² per sample; the price is the prefix keys/values repeated d times, which GQA keeps small.
+    ``in_candidate_order`` maps logits read with ``logits_to_keep=self.valid`` to ``candidates.flatten()``
+    order. A batch with no row gets one masked dummy slot per row, so every rank runs the same modules.
     """
 
     def __init__(self, rows: torch.Tensor, candidates: torch.Tensor, attention_mask: torch.Tensor,
@@ -46,19 +48,29 @@ class CandidateBatch:
         rows = rows.to(device)
         batch, d = rows.shape[0], candidates.shape[1]
         per_sample = rows.sum(-1)
-        width = max(int(per_sample.max()) * d, 1) if rows.numel() else 1
+        width = max(int(per_sample.max()), 1) if rows.numel() else 1
         b, t = rows.nonzero(as_tuple=True)
         rank = torch.arange(b.numel(), device=device) - (per_sample.cumsum(0) - per_sample)[b]
-        slot = rank[:, None] * d + torch.arange(d, device=device)
-        self.input_ids = torch.zeros((batch, width), dtype=torch.long, device=device)
-        self.input_ids[b[:, None], slot] = candidates
-        self.index = torch.zeros((batch, width), dtype=torch.long, device=device)  # where it stands in the sequence
-        self.index[b[:, None], slot] = (t + 1)[:, None]
-        self.position_ids = position_ids.to(device).gather(1, self.index)
-        self.valid = torch.zeros((batch, width), dtype=torch.bool, device=device)
-        self.valid[b[:, None], slot] = True
-        self.key_valid = attention_mask.to(device).bool()
+        line = b[:, None] * d + torch.arange(d, device=device)  # [N, d]: the batch row of each candidate
+        slot = rank[:, None].expand_as(line)
+        shape = (batch * d, width)
+        self.d = d
+        self.input_ids = torch.zeros(shape, dtype=torch.long, device=device)
+        self.input_ids[line, slot] = candidates
+        self.index = torch.zeros(shape, dtype=torch.long, device=device)  # where it stands in the sequence
+        self.index[line, slot] = (t + 1)[:, None]
+        self.position_ids = position_ids.to(device).repeat_interleave(d, dim=0).gather(1, self.index)
+        self.valid = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.valid[line, slot] = True
+        flat = torch.zeros(shape, dtype=torch.long, device=device)
+        flat[line, slot] = torch.arange(candidates.numel(), device=device).view(-1, d)
+        self.order = torch.argsort(flat[self.valid])  # kept rows -> candidates.flatten() order
+        self.key_valid = attention_mask.to(device).bool().repeat_interleave(d, dim=0)
         self._masks: dict[tuple, torch.Tensor] = {}  # one per (sliding window, dtype): layers share it
+
+    def in_candidate_order(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[N·d, V]`` logits of the kept slots, reordered to ``candidates.flatten()``."""
+        return logits[self.order]
 
     def model_inputs(self, prefix: PrefixCache) -> dict:
         """Keyword arguments of one model's candidate forward over the prefix that model recorded (no image)."""
@@ -66,7 +78,7 @@ class CandidateBatch:
                 "use_cache": False, "prefix_cache": prefix, "candidates": self}
 
     def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
-        """Additive ``[B, 1, K, L + K]`` mask: real keys before the candidate's index, then itself only.
+        """Additive ``[B·d, 1, R, L + R]`` mask: real keys before the candidate's index, then itself only.
 
         Float, not bool: eager kernels add the mask, so a bool one would be silently wrong (ENGINEERING §8).
         """
@@ -95,8 +107,8 @@ class CandidateBatch:
         if past_key.shape[2] != self.key_valid.shape[1]:
             raise RuntimeError(f"TPA candidate pass: recorded prefix has {past_key.shape[2]} keys, the attention "
                                f"mask {self.key_valid.shape[1]}")
-        key = torch.cat([past_key.to(key.dtype), key], dim=2)
-        value = torch.cat([past_value.to(value.dtype), value], dim=2)
+        key = torch.cat([past_key.repeat_interleave(self.d, dim=0).to(key.dtype), key], dim=2)
+        value = torch.cat([past_value.repeat_interleave(self.d, dim=0).to(value.dtype), value], dim=2)
         mask = self.mask(kwargs.pop("sliding_window", None), query.dtype)
         return kernel(module, query, key, value, mask, **kwargs)
 

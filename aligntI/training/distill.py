@@ -295,8 +295,9 @@ class DistillRecipe(SFTRecipe):
         """Σ over this micro-batch's TPA positions of Σ_v w_v·KL(p_T(·|c_t, v) ‖ p_S(·|c_t, v)) (SPEC §5)."""
         rows, candidates, weights = self.candidates(mb, inputs, keep, targets, t_logits, s_logits)
         layout = CandidateBatch(rows, candidates, inputs["attention_mask"], inputs["position_ids"])
-        t_next = self.teacher(**layout.model_inputs(t_prefix)).logits[:, : self.shared.size]
-        s_next = self.student(**layout.model_inputs(s_prefix)).logits[:, : self.shared.size]
+        size = self.shared.size
+        t_next = layout.in_candidate_order(self.teacher(**layout.model_inputs(t_prefix)).logits[:, :size])
+        s_next = layout.in_candidate_order(self.student(**layout.model_inputs(s_prefix)).logits[:, :size])
         return weighted_divergence_sum(t_next, s_next, weights.flatten(), kind="forward_kl",
                                        chunk_size=self.cfg.kd.chunk_size)
 
