@@ -3,9 +3,9 @@
 The paper runs one expanded sequence per model with a dense "ribbon" mask, after an extra student pass to
 sample the candidates. Here the ground-truth pass (the one that already gives the SFT/KD logits) records every
 decoder layer's keys and values into a :class:`PrefixCache`; after sampling, a second forward over just the
-candidates (``d·|R|`` tokens per sample, no image) attends to that record: candidate ``v`` standing at position ``t`` sees
-the real keys before ``t`` and itself, nothing else. That is exactly the expanded pass's candidate row, at a
-cost of ``d·|R|`` extra tokens, and the ground-truth logits are the plain pass's by construction.
+candidates (``d·|R|`` tokens per sample, no image) attends to that record: candidate ``v`` standing at position
+``t`` sees the real keys before ``t`` and itself, nothing else. That is exactly the expanded pass's candidate
+row, at a cost of ``d·|R|`` extra tokens, and the ground-truth logits are the plain pass's by construction.
 
 Both objects travel as keyword arguments of the model forward (transformers hands unknown keywords down to
 the attention function), so an activation-checkpoint recompute sees the same ones and nothing is stored on the
