@@ -65,7 +65,7 @@ def check_tpa(recipe, batch, plain_teacher, plain_student) -> dict:
     bigram_scores = recipe.bigrams.scores(batch["input_ids"][rows])
     for source, scores in (("student", s_logits), ("teacher", t_logits), ("gt_bigram", bigram_scores)):
         recipe.cfg.tpa.source = source
-        _, candidates, weights = recipe.candidates(mb, inputs, rows, targets, t_logits, s_logits)
+        candidates, weights = recipe.candidates(mb, inputs, rows, targets, t_logits, s_logits)
         oracle = draw_candidates(scores, targets, recipe.cfg.tpa.candidates, exclude_gt=True,
                                  generator=torch.Generator().manual_seed(1234),
                                  never=(recipe.processor.image_token_id,))

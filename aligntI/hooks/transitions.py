@@ -45,12 +45,13 @@ class CandidateBatch:
     def __init__(self, rows: torch.Tensor, candidates: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor):
         device = candidates.device
-        rows = rows.to(device)
         batch, d = rows.shape[0], candidates.shape[1]
+        # Indices come from ``rows`` where it lives (the CPU batch in training: no device-to-host syncs).
         per_sample = rows.sum(-1)
         width = max(int(per_sample.max()), 1) if rows.numel() else 1
         b, t = rows.nonzero(as_tuple=True)
-        rank = torch.arange(b.numel(), device=device) - (per_sample.cumsum(0) - per_sample)[b]
+        rank = torch.arange(b.numel(), device=rows.device) - (per_sample.cumsum(0) - per_sample)[b]
+        b, t, rank = b.to(device), t.to(device), rank.to(device)
         line = b[:, None] * d + torch.arange(d, device=device)  # [N, d]: the batch row of each candidate
         slot = rank[:, None].expand_as(line)
         shape = (batch * d, width)

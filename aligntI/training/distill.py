@@ -53,11 +53,9 @@ def count_response_bigrams(processor, cfg: RecipeConfig, dist) -> BigramTable:
     """(token, next response token) counts over the recipe's training data, sharded over ranks and merged."""
     loader = build_sequential_loader(processor, cfg.data, batch_size=64, rank=dist.rank,
                                      world_size=dist.world_size)
-    vocab = len(processor.tokenizer)
-    table = BigramTable.from_pairs(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), vocab)
-    for batch in loader:
-        table = table.merge(BigramTable.from_pairs(*BigramTable.count_pairs(batch["input_ids"], batch["labels"]),
-                                                   vocab))
+    pairs = [BigramTable.count_pairs(batch["input_ids"], batch["labels"]) for batch in loader]
+    table = BigramTable.from_pairs(torch.cat([p for p, _ in pairs]), torch.cat([f for _, f in pairs]),
+                                   len(processor.tokenizer))
     if dist.world_size > 1:
         parts = [None] * dist.world_size
         torch.distributed.all_gather_object(parts, table.state_dict())
@@ -269,7 +267,7 @@ class DistillRecipe(SFTRecipe):
                                        chunk_size=self.cfg.kd.chunk_size)
 
     def candidates(self, mb, inputs, keep, targets, t_logits, s_logits):
-        """This micro-batch's TPA positions ``[B, L]``, their candidates ``[N, d]`` and weights ``[N, d]``.
+        """Candidates ``[N, d]`` and weights ``[N, d]`` for the micro-batch's TPA positions ``mb["tpa_rows"]``.
 
         ``t_logits``/``s_logits``/``targets`` are the ground-truth passes' rows at ``keep`` (row-major order).
         """
@@ -289,12 +287,12 @@ class DistillRecipe(SFTRecipe):
         candidates = draw_candidates(scores, targets[at], tpa.candidates, exclude_gt=tpa.exclude_gt,
                                      generator=generator, chunk_size=self.cfg.kd.chunk_size,
                                      never=(self.processor.image_token_id,))
-        return rows, candidates, candidate_weights(s_rows, candidates, tpa.weighting)
+        return candidates, candidate_weights(s_rows, candidates, tpa.weighting)
 
     def _tpa_sum(self, mb, inputs, keep, targets, t_logits, s_logits, t_prefix, s_prefix) -> torch.Tensor:
         """Σ over this micro-batch's TPA positions of Σ_v w_v·KL(p_T(·|c_t, v) ‖ p_S(·|c_t, v)) (SPEC §5)."""
-        rows, candidates, weights = self.candidates(mb, inputs, keep, targets, t_logits, s_logits)
-        layout = CandidateBatch(rows, candidates, inputs["attention_mask"], inputs["position_ids"])
+        candidates, weights = self.candidates(mb, inputs, keep, targets, t_logits, s_logits)
+        layout = CandidateBatch(mb["tpa_rows"], candidates, inputs["attention_mask"], inputs["position_ids"])
         size = self.shared.size
         t_next = layout.in_candidate_order(self.teacher(**layout.model_inputs(t_prefix)).logits[:, :size])
         s_next = layout.in_candidate_order(self.student(**layout.model_inputs(s_prefix)).logits[:, :size])

@@ -23,6 +23,7 @@ millisecond with glibc's mmap threshold fixed, so freed tensors leave the reside
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -32,6 +33,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ("sft", "vanilla_kd", "vkd_uniform", "iva", "tpa", "align_ti", "tpa_paper")
@@ -133,8 +136,6 @@ def ribbon_expand(inputs: dict, rows, candidates, d: int):
     nobody sees a candidate. Returns the model inputs (with ``logits_to_keep`` = scored rows and candidates, in
     sequence order) and, over those kept rows, which are candidates.
     """
-    import torch
-
     ids, attn, pos = inputs["input_ids"], inputs["attention_mask"].bool(), inputs["position_ids"]
     batch, length = ids.shape
     dev = ids.device
@@ -168,8 +169,6 @@ def ribbon_expand(inputs: dict, rows, candidates, d: int):
 
 
 def paper_style_recipe_class():
-    import torch
-
     from aligntI.data.dataset import model_inputs
     from aligntI.losses.kd import top1_agreement, weighted_divergence_sum
     from aligntI.losses.sft import rows_ce_sum
@@ -188,7 +187,8 @@ def paper_style_recipe_class():
             targets = labels[:, 1:][keep[:, :-1]]
             with torch.no_grad():  # the extra pass: only to sample the candidates
                 s_plain = self.student(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :size]
-            rows, candidates, weights = self.candidates(mb, inputs, keep, targets, None, s_plain)
+            candidates, weights = self.candidates(mb, inputs, keep, targets, None, s_plain)
+            rows = mb["tpa_rows"].to(keep.device)
             expanded, is_cand = ribbon_expand(inputs, rows, candidates, cfg.tpa.candidates)
             t_logits = self.teacher(**expanded, use_cache=False).logits[:, :size]
             s_logits = self.student(**expanded, use_cache=False).logits[:, :size]
@@ -217,23 +217,18 @@ class PeakMemory:
     """Peak memory above the level at ``start()``: CUDA allocator stats, else the sampled resident set."""
 
     def __init__(self, device):
-        import torch
-
         self.cuda = device.type == "cuda"
-        self.torch = torch
 
     def _rss(self) -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def start(self) -> None:
-        import gc
-
         gc.collect()
         if self.cuda:
-            self.torch.cuda.synchronize()
-            self.torch.cuda.reset_peak_memory_stats()
-            self.base = self.torch.cuda.memory_allocated()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
             return
         self.base = self.peak = self._rss()
         self.running = True
@@ -247,16 +242,14 @@ class PeakMemory:
 
     def stop(self) -> int:
         if self.cuda:
-            self.torch.cuda.synchronize()
-            return self.torch.cuda.max_memory_allocated() - self.base
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
         self.running = False
         self.thread.join()
         return max(self.peak, self._rss()) - self.base
 
 
 def run_variant(variant: str, root: Path, shape: str, ds_config: str, steps: int, warmup: int) -> dict:
-    import torch
-
     from aligntI import engine as ds
     from aligntI.training.distill import DistillRecipe
     from aligntI.training.sft import SFTRecipe
@@ -296,8 +289,6 @@ def run_variant(variant: str, root: Path, shape: str, ds_config: str, steps: int
 
 def capture_memory(root: Path) -> dict:
     """Teacher forward (no grad): extra peak of capturing one layer vs eager ``output_attentions`` of all layers."""
-    import torch
-
     from aligntI.config import AttentionConfig, DataConfig, DataSource
     from aligntI.data.dataset import model_inputs
     from aligntI.data.loader import build_sequential_loader
