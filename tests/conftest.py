@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -131,9 +132,29 @@ def launch_env() -> dict:
     return env
 
 
+@functools.cache
+def distributed_problem() -> str | None:
+    """Start one bare process group before the first launch, or say why it cannot start.
+
+    DeepSpeed JIT-builds its CPU shared-memory op (under ``TORCH_EXTENSIONS_DIR``) when a process group starts;
+    built here once, the ranks of the tests do not race for it. A build that was killed leaves a ``lock`` file
+    that makes every later start wait forever: one clear failure here instead of a timeout in every test.
+    """
+    probe = [sys.executable, "-c", "from aligntI.engine import init_distributed; init_distributed()"]
+    try:
+        proc = subprocess.run(probe, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        ext = os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
+        return (f"starting a one-process group did not finish in 900 s: look for a stale build lock "
+                f"({ext}/*/deepspeed_shm_comm/lock) left by an interrupted build and delete it")
+    return None if proc.returncode == 0 else f"starting a one-process group failed:\n{proc.stderr[-4000:]}"
+
+
 def launch(args: list[str], launcher: str = "deepspeed", nproc: int = 2, timeout: int = 600,
            check: bool = True) -> subprocess.CompletedProcess:
     """Run ``recipes/train.py`` (or another module) on ``nproc`` CPU ranks with a real launcher."""
+    if problem := distributed_problem():
+        pytest.fail(problem)
     cmd = launcher_cmd(launcher, nproc)
     proc = subprocess.run(cmd + args, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -147,6 +168,8 @@ def kill_when(args: list[str], marker: Path, launcher: str = "torchrun", timeout
     import signal
     import time
 
+    if problem := distributed_problem():
+        pytest.fail(problem)
     job = subprocess.Popen(launcher_cmd(launcher) + args, cwd=REPO, env=launch_env(), start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
