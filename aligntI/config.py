@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -337,24 +338,91 @@ def _walk(d: Any, prefix: str = ""):
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, schema: type = RecipeConfig):
-    """Read a YAML recipe, apply ``a.b=value`` overrides, build and validate the typed config."""
+    """Read a YAML recipe (with its ``base:`` files), apply ``a.b=value`` overrides, substitute ``${vars}``,
+    build and validate the typed config."""
     path = Path(path)
+    raw = read_composed(path)
+    try:
+        for item in overrides or []:
+            apply_override(raw, item)
+        raw = substitute_vars(raw)
+        cfg = from_dict(schema, raw)
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return cfg
+
+
+def read_composed(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping merged over its ``base:`` files (paths relative to it, applied in order; the file wins).
+
+    Mappings merge key by key; lists and scalars replace. ``vars`` merge like any mapping, so a recipe
+    overrides only the variables it names.
+    """
     if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
+        raise ConfigError(f"recipe not found: {path}" + (f" (base of {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: base cycle: {' -> '.join(map(str, (*chain, path.resolve())))}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    for item in overrides or []:
-        apply_override(raw, item)
-    try:
-        cfg = from_dict(schema, raw)
-        cfg.validate()
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    return cfg
+    bases = raw.pop("base", None) or []
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: base: expected a path or a list of paths, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        merged = _merge(merged, read_composed(path.parent / base, (*chain, path.resolve())))
+    return _merge(merged, raw)
+
+
+def _merge(under: dict, over: dict) -> dict:
+    out = dict(under)
+    for key, value in over.items():
+        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both_maps else value
+    return out
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def substitute_vars(raw: dict) -> dict:
+    """Replace ``${name}`` in every string by ``vars.name``; the ``vars`` mapping itself is then dropped.
+
+    Variables may use other variables. A string that is exactly ``${name}`` takes the variable's type.
+    """
+    variables = raw.get("vars") or {}
+    if not isinstance(variables, dict):
+        raise ConfigError(f"vars: expected a mapping of names to values, got {variables!r}")
+    for name, value in variables.items():
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"vars.{name}: expected a string or a number, got {value!r}")
+
+    def resolve(value: Any, key: str, seen: tuple[str, ...] = ()) -> Any:
+        if isinstance(value, dict):
+            return {k: resolve(v, f"{key}.{k}" if key else str(k), seen) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v, f"{key}.{i}", seen) for i, v in enumerate(value)]
+        if not isinstance(value, str):
+            return value
+
+        def lookup(name: str) -> Any:
+            if name not in variables:
+                raise ConfigError(f"{key}: unknown variable ${{{name}}} (vars defines {sorted(variables)})")
+            if name in seen:
+                raise ConfigError(f"vars.{name}: refers to itself through {' -> '.join((*seen, name))}")
+            return resolve(variables[name], f"vars.{name}", (*seen, name))
+
+        whole = _VAR.fullmatch(value)
+        if whole:
+            return lookup(whole.group(1))
+        return _VAR.sub(lambda m: str(lookup(m.group(1))), value)
+
+    return {k: resolve(v, k) for k, v in raw.items() if k != "vars"}
 
 
 def apply_override(raw: dict, item: str) -> None:

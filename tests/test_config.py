@@ -127,6 +127,15 @@ def all_yamls():
     return sorted((REPO / "recipes").rglob("*.yaml"))
 
 
+def composed_files(path: Path) -> set[Path]:
+    """``path`` and every file it includes through ``base:``, recursively."""
+    bases = yaml.safe_load(path.read_text()).get("base") or []
+    out = {path}
+    for base in [bases] if isinstance(bases, str) else bases:
+        out |= composed_files((path.parent / base).resolve())
+    return out
+
+
 def test_there_are_recipes():
     assert any(p.parent.name == "mini" for p in all_yamls())
 
@@ -141,6 +150,10 @@ def test_every_recipe_yaml_validates_and_documents_itself(path, monkeypatch):
             break
         header.append(line)
     assert header, f"{path} must open with a comment: purpose, prerequisites, command"
+    if path.name.startswith("_"):  # a fragment, included by recipes through base:
+        assert any(path in composed_files(r) for r in all_yamls() if not r.name.startswith("_")), \
+            f"{path} is included by no recipe"
+        return
     assert any("Command:" in h for h in header) and any("Needs:" in h for h in header), path
     if path.parent.name == "models":
         from_dict(TinyModelSpec, yaml.safe_load(path.read_text()))
@@ -224,3 +237,38 @@ def test_teacher_ds_config_is_derived_from_the_students():
     assert "offload_param" not in teacher_ds_config(student, offload_params=False)["zero_optimization"]
     zero2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     assert teacher_ds_config(zero2, offload_params=False)["zero_optimization"] == {"stage": 0}
+
+
+def test_base_files_merge_and_vars_are_substituted(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "paths.yaml").write_text("# paths\nvars: {models: /m, runs: /r}\n")
+    common = {**BASE, "base": "paths.yaml", "run_dir": "${runs}/${row}", "model": {"path": "${models}/student"},
+              "train": {**BASE["train"], "micro_batch_size": "${micro}"}, "vars": {"row": "sft", "micro": 4}}
+    (tmp_path / "base" / "common.yaml").write_text("# common\n" + yaml.safe_dump(common))
+    row = tmp_path / "kd.yaml"
+    row.write_text("# a row\n" + yaml.safe_dump({"base": "base/common.yaml", "vars": {"row": "kd"},
+                                                  "optim": {"weight_decay": 0.1}}))
+    cfg = load_recipe(row)
+    assert cfg.run_dir == "/r/kd" and cfg.model.path == "/m/student"  # the row's var wins; others from bases
+    assert cfg.train.micro_batch_size == 4  # a whole-string variable keeps its type
+    assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.weight_decay == pytest.approx(0.1)  # maps merge
+    assert cfg.data.train[0].path == "d.json"
+    # A user sets a location once on the command line; overrides apply before substitution.
+    assert load_recipe(row, ["vars.runs=/scratch"]).run_dir == "/scratch/kd"
+    assert load_recipe(row, ["run_dir=elsewhere"]).run_dir == "elsewhere"
+
+
+def test_composition_errors_name_the_file_and_key(tmp_path):
+    missing = tmp_path / "a.yaml"
+    missing.write_text("# a\nbase: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"recipe not found: .*nowhere.yaml \(base of .*a.yaml\)"):
+        load_recipe(missing)
+    (tmp_path / "b.yaml").write_text("# b\nbase: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("# c\nbase: b.yaml\n")
+    with pytest.raises(ConfigError, match="base cycle"):
+        load_recipe(tmp_path / "b.yaml")
+    assert "run_dir: unknown variable ${runs} (vars defines ['x'])" in error_of(
+        tmp_path, {**BASE, "run_dir": "${runs}/a", "vars": {"x": 1}})
+    assert "vars.a: refers to itself through a -> b -> a" in error_of(
+        tmp_path, {**BASE, "run_dir": "${a}", "vars": {"a": "${b}", "b": "${a}"}})
+    assert "vars.x: expected a string or a number" in error_of(tmp_path, {**BASE, "vars": {"x": [1]}})
