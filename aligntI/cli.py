@@ -12,6 +12,8 @@ from aligntI.models.compat import IncompatibleModelsError
 
 
 def cmd_train(args) -> int:
+    if args.dry_run:
+        return print_plan(args.config, args.overrides)
     cfg = load_recipe(args.config, args.overrides)
     if cfg.teacher is not None:
         from aligntI.training.distill import DistillRecipe as Recipe
@@ -19,6 +21,28 @@ def cmd_train(args) -> int:
         from aligntI.training.sft import SFTRecipe as Recipe
     Recipe.run(cfg, args.overrides)
     return 0
+
+
+def print_plan(config: str, overrides: list[str], world_size: int | None = None, gpu_memory_gib: float = 80.0,
+               train_samples: int | None = None) -> int:
+    """The recipe's plan (batching, steps, DeepSpeed configs, memory estimate); no weights, no process group.
+
+    Under a launcher only rank 0 prints; the other ranks exit 0 at once.
+    """
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    from aligntI.plan import format_plan, make_plan
+
+    plan = make_plan(config, overrides, world_size=world_size, gpu_memory_gib=gpu_memory_gib,
+                     train_samples=train_samples)
+    print(format_plan(plan), flush=True)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    return print_plan(args.config, args.overrides, args.world_size, args.gpu_memory_gib, args.train_samples)
 
 
 def cmd_irs(args) -> int:
@@ -85,6 +109,25 @@ def cmd_init_model(args) -> int:
     return 0
 
 
+def cmd_assemble(args) -> int:
+    """The paper's starting LLaVA model: a pretrained vision tower + a seeded random projector + a pretrained LLM."""
+    from aligntI.models.assemble import AssembleError, assemble
+
+    try:
+        s = assemble(args.vision, args.llm, args.out, chat_template=args.chat_template, dtype=args.dtype,
+                     seed=args.seed)
+    except (AssembleError, FileNotFoundError) as err:
+        print(f"aligntI assemble: {err}", file=sys.stderr)
+        return 2
+    p = s["params"]
+    added = ", embeddings resized for <image>" if s["resized_embeddings"] else ""
+    print(f"wrote a {s['dtype']} LLaVA model to {s['out']}: {s['vision']} vision {p['vision']:,} params (from "
+          f"{args.vision}) + projector {p['projector']:,} (random, seed {args.seed}) + {s['llm']} LLM "
+          f"{p['llm']:,} (from {args.llm}{', tied embeddings' if s['tied_embeddings'] else ''}{added}); "
+          f"{s['image_tokens']} image tokens per image (<image> = id {s['image_token_id']})")
+    return 0
+
+
 def cmd_eval(args) -> int:
     """Greedy generation + exact match for an HF model directory (one process or under torchrun)."""
     from aligntI import engine as ds
@@ -142,8 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a recipe YAML (run it under deepspeed/torchrun for >1 rank)")
     p.add_argument("--config", required=True, help="recipe YAML")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (as `aligntI plan`) and exit: no weights, no process group, no run dir")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="a recipe's batching, steps, DeepSpeed configs and per-GPU memory estimate "
+                                    "(no weights loaded)")
+    p.add_argument("--config", required=True, help="recipe YAML")
+    p.add_argument("--world-size", type=int, default=None, help="ranks of the run (default: $WORLD_SIZE, else 1)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default: 80)")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="samples per epoch, instead of counting the data files (e.g. before they are downloaded)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("irs", help="instruction-relevance score of every layer; picks the IVA layer")
     p.add_argument("--model", required=True, help="HF model directory (the teacher)")
@@ -172,6 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--vision-from", default=None, help="copy the trained vision tower of this model directory")
     p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("assemble", help="the starting LLaVA model from a SigLIP/CLIP checkpoint and an LLM "
+                                        "checkpoint (random projector), with its processor")
+    p.add_argument("--vision", required=True, help="SigLIP or CLIP checkpoint directory (full model or vision "
+                                                   "half) with its preprocessor_config.json")
+    p.add_argument("--llm", required=True, help="causal LM checkpoint directory with its tokenizer (e.g. Qwen2.5)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--chat-template", default="llava_v1", help="template name or .jinja (saved with the processor)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="dtype of the saved weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the projector's random initialisation")
+    p.set_defaults(func=cmd_assemble)
 
     p = sub.add_parser("export", help="write an HF model directory from a run's checkpoint (fp32, offline)")
     p.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")

@@ -3,6 +3,7 @@
     deepspeed --num_gpus 8 recipes/train.py --config recipes/<...>.yaml [dotted.key=value ...]
     torchrun --nproc_per_node 8 recipes/train.py --config ...
     python recipes/train.py --config ...            # one process
+    deepspeed recipes/train.py --config ... --dry-run   # print the plan (as `aligntI plan`) and exit
 """
 
 import sys

@@ -155,6 +155,24 @@ def test_single_process_zero2_with_python(tmp_path, tiny_model, digitgrid):
     assert (tmp_path / "run" / "final" / "config.json").is_file()
 
 
+def test_stop_request_checkpoints_and_the_same_command_resumes(tmp_path, tiny_model, digitgrid):
+    """What slurm/*.sh do on SLURM's preemption warning: ``run_dir/stop_request`` -> checkpoint, stop, resume."""
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_model, digitgrid, tmp_path / "run", str(REPO / "ds_configs" / "zero2.json"),
+        engine={"zero_stage": 2}, train={"max_steps": 3, "global_batch_size": 4},
+    )
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "stop_request").touch()
+    proc = launch(["recipes/train.py", "--config", str(recipe)], launcher="python")
+    assert "stopped on request" in proc.stdout and "after step 1" in proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "stop_request").exists()
+    proc = launch(["recipes/train.py", "--config", str(recipe)], launcher="python")
+    assert "resumed from" in proc.stdout and "at step 1" in proc.stdout
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
 def test_config_error_exits_cleanly_naming_the_key(tmp_path, tiny_model, digitgrid):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, digitgrid, tmp_path / "run",
                           str(REPO / "ds_configs" / "zero3.json"))

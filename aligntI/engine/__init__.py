@@ -73,19 +73,24 @@ def accelerator_name() -> str:
     return get_accelerator().device_name()
 
 
-def use_bf16(engine_cfg: EngineConfig) -> bool:
+def use_bf16(engine_cfg: EngineConfig, device: str | None = None) -> bool:
+    """``device``: the accelerator the run targets (``cuda``, ``cpu``); default: this machine's."""
     if engine_cfg.precision == "auto":
-        return accelerator_name() == "cuda"
+        return (device or accelerator_name()) == "cuda"
     return engine_cfg.precision == "bf16"
 
 
-def build_ds_config(engine_cfg: EngineConfig, batching: Batching) -> dict:
-    """The JSON file plus batch sizes and precision; nothing else is written by code."""
+def build_ds_config(engine_cfg: EngineConfig, batching: Batching, device: str | None = None) -> dict:
+    """The JSON file plus batch sizes and precision; nothing else is written by code.
+
+    ``device`` is the accelerator the config is for (default: this machine's); a dry run on a CPU login
+    node passes ``cuda`` to see the config of the GPU run.
+    """
     ds = json.loads(Path(engine_cfg.ds_config).read_text())
     ds["train_micro_batch_size_per_gpu"] = batching.micro_batch_size
     ds["gradient_accumulation_steps"] = batching.gradient_accumulation_steps
     ds["train_batch_size"] = batching.global_batch_size
-    ds["bf16"] = {"enabled": use_bf16(engine_cfg)}
+    ds["bf16"] = {"enabled": use_bf16(engine_cfg, device)}
     ds.setdefault("steps_per_print", 10**9)  # our own logger reports; silence DeepSpeed's
     return ds
 
@@ -201,7 +206,7 @@ class StudentEngine:
         torch.distributed.barrier()
 
 
-def teacher_ds_config(student_ds_config: dict, offload_params: bool) -> dict:
+def teacher_ds_config(student_ds_config: dict, offload_params: bool, device: str | None = None) -> dict:
     """What the teacher's engine takes from the student's DeepSpeed config. The one place this is decided:
 
     * same batch keys (DeepSpeed asserts a micro-batch size even without an optimizer) and precision;
@@ -210,6 +215,9 @@ def teacher_ds_config(student_ds_config: dict, offload_params: bool) -> dict:
       ``teacher.offload_params``, which needs ZeRO-3) alone decides whether its parameters live in CPU memory;
     * otherwise stage 0, a whole replica per rank: ZeRO-1/2 only shard optimizer state and gradients, which a
       frozen teacher has none of.
+
+    ``device``: the accelerator the config is for (pinned offload memory only on ``cuda``); default: this
+    machine's.
     """
     cfg = copy.deepcopy(student_ds_config)
     for key in ("optimizer", "scheduler", "gradient_clipping"):
@@ -219,7 +227,7 @@ def teacher_ds_config(student_ds_config: dict, offload_params: bool) -> dict:
         zero.pop("offload_optimizer", None)
         zero.pop("offload_param", None)  # the teacher's placement is its own switch, not the student's
         if offload_params:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": accelerator_name() == "cuda"}
+            zero["offload_param"] = {"device": "cpu", "pin_memory": (device or accelerator_name()) == "cuda"}
     else:
         cfg["zero_optimization"] = {"stage": 0}
     return cfg

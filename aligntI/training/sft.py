@@ -3,7 +3,9 @@
 Per optimizer step: fetch the step's micro-batches, count their response tokens over all ranks, run
 forward/backward per micro-batch with the loss sum scaled to the global-batch token mean, step.
 Checkpoints every ``train.save_every`` steps; ``resume: auto`` restarts from the newest complete one with
-the same data order, RNG and schedule. At the end: HF export, loss curve, optional evaluation.
+the same data order, RNG and schedule. A file ``run_dir/stop_request`` (what slurm/*.sh write when SLURM warns
+of preemption or the time limit) makes every rank checkpoint after the current step and stop; the same command
+resumes. At the end: HF export, loss curve, optional evaluation.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+STOP_REQUEST = "stop_request"
 
 
 class SFTRecipe:
@@ -128,7 +133,9 @@ class SFTRecipe:
 
     # ------------------------------------------------------------------ train
 
-    def train(self) -> None:
+    def train(self) -> bool:
+        """Run the remaining steps; False when a stop request ended the run early (after a checkpoint)."""
+        stop_request = self.run_dir / STOP_REQUEST
         batches = iter(self.loader)
         accum = self.batching.gradient_accumulation_steps
         self.student.train()
@@ -147,7 +154,9 @@ class SFTRecipe:
                 self._count(mb)
             names = sorted(sums)
             local = torch.stack([sums[k].double() for k in names]).tolist() if names else []  # one host sync
-            totals = ds.all_reduce_sum(local + [seen_tokens], self.dist.device)
+            # The stop request rides on the step's one reduction, so every rank sees the same answer.
+            totals = ds.all_reduce_sum(local + [seen_tokens, float(stop_request.exists())], self.dist.device)
+            stop = totals.pop() > 0
             elapsed = time.perf_counter() - t0
             record = {
                 "step": step + 1,
@@ -165,11 +174,21 @@ class SFTRecipe:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{next(iter(record['lr'].values())):.2e}",
                                 refresh=False)  # let mininterval decide: log files get a line per 30 s
             save_every = self.cfg.train.save_every
+            if stop and step + 1 < self.total_steps:
+                bar.close()
+                self.save_checkpoint(step + 1)
+                if self.dist.is_main:
+                    stop_request.unlink(missing_ok=True)
+                self.log(f"stopped on request ({stop_request}) after step {step + 1}; the same command resumes")
+                return False
             if save_every and (step + 1) % save_every == 0 and step + 1 < self.total_steps:
                 self.save_checkpoint(step + 1)
         bar.close()
         if self.start_step < self.total_steps:  # a finished run resumed again has nothing new to save
             self.save_checkpoint(self.total_steps)
+        if self.dist.is_main:  # a request that came after the last step is answered by the end itself
+            stop_request.unlink(missing_ok=True)
+        return True
 
     # The three methods a distillation recipe overrides.
 
@@ -257,8 +276,7 @@ class SFTRecipe:
     def run(cls, cfg: RecipeConfig, overrides: list[str] | None = None) -> dict | None:
         recipe = cls(cfg, overrides)
         recipe.setup()
-        recipe.train()
-        scores = recipe.finish()
+        scores = recipe.finish() if recipe.train() else None
         ds.destroy()
         return scores
 

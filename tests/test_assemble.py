@@ -1,0 +1,261 @@
+"""``aligntI assemble``: pretrained SigLIP/CLIP + pretrained Qwen → the starting LLaVA directory.
+
+Tiny random checkpoints are saved as ordinary HF directories (as users have the hub's); the oracles are
+independent of the code under test: the source safetensors files read directly, the source Qwen's own logits,
+and the processor's image-token count against (image_size / patch_size)².
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPConfig,
+    CLIPModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SiglipConfig,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from aligntI.cli import main
+from aligntI.data.formatting import IMAGE_PLACEHOLDER
+
+IMAGE, PATCH = 32, 8
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE,
+              patch_size=PATCH)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+
+
+def qwen_tokenizer() -> Qwen2Tokenizer:
+    """``aligntI.models.builder.bytelevel_tokenizer`` without ``<image>``, as a text-only Qwen tokenizer is."""
+    vocab = {"<|endoftext|>": 0}
+    for ch in ByteLevel.alphabet():
+        vocab.setdefault(ch, len(vocab))
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    assert IMAGE_PLACEHOLDER not in tok.get_vocab()
+    return tok
+
+
+def write_qwen(path, tie: bool, extra_rows: int, qwen3: bool = False) -> int:
+    """A tiny Qwen2 (or Qwen3) causal LM + tokenizer; ``extra_rows`` pads the vocabulary as real checkpoints do.
+    Returns the tokenizer length."""
+    tok = qwen_tokenizer()
+    torch.manual_seed(1)
+    config_cls, model_cls = (Qwen3Config, Qwen3ForCausalLM) if qwen3 else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_cls(vocab_size=len(tok) + extra_rows, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=tie,
+                         eos_token_id=tok.eos_token_id)
+    model_cls(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return len(tok)
+
+
+def hub_style_preprocessor(path, processor, hub_name: str) -> None:
+    """Save ``processor`` and name the torchvision class in it, as the hub's preprocessor_config.json does."""
+    processor.save_pretrained(path)
+    pre = path / "preprocessor_config.json"
+    pre.write_text(json.dumps({**json.loads(pre.read_text()), "image_processor_type": hub_name}))
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    SiglipModel(SiglipConfig(vision_config=VISION, text_config=TEXT)).save_pretrained(root / "siglip")
+    hub_style_preprocessor(root / "siglip", SiglipImageProcessorPil(size={"height": IMAGE, "width": IMAGE}),
+                           "SiglipImageProcessor")
+    SiglipVisionModel(SiglipVisionConfig(**VISION)).save_pretrained(root / "siglip_vision")
+    SiglipImageProcessorPil(size={"height": IMAGE, "width": IMAGE}).save_pretrained(root / "siglip_vision")
+    CLIPModel(CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=16)).save_pretrained(root / "clip")
+    hub_style_preprocessor(root / "clip", CLIPImageProcessorPil(size={"shortest_edge": IMAGE},
+                                                                crop_size={"height": IMAGE, "width": IMAGE}),
+                           "CLIPImageProcessor")
+    n_untied = write_qwen(root / "qwen_untied", tie=False, extra_rows=0)  # <image> does not fit: resize
+    n_tied = write_qwen(root / "qwen_tied", tie=True, extra_rows=7)  # padded vocabulary: <image> fits
+    n_qwen3 = write_qwen(root / "qwen3", tie=False, extra_rows=5, qwen3=True)
+    return {"root": root, "n_untied": n_untied, "n_tied": n_tied, "n_qwen3": n_qwen3}
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    rc = main(["assemble", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def image_inputs(processor):
+    text = processor.apply_chat_template([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nwhat is it?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    return processor(text=text, images=[Image.new("RGB", (45, 29), (10, 120, 240))], return_tensors="pt")
+
+
+def text_logits_equal(out_dir, llm_dir, n_vocab, dtype, **tol):
+    """The LLaVA model's text-only logits are the source LLM's (same ids, same weights)."""
+    llava = AutoModelForImageTextToText.from_pretrained(str(out_dir), dtype=dtype).eval()
+    source = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype).eval()
+    ids = torch.randint(0, n_vocab, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = llava(input_ids=ids).logits, source(input_ids=ids).logits
+    torch.testing.assert_close(ours[..., :theirs.shape[-1]], theirs, **tol)
+    return llava
+
+
+def test_full_siglip_untied_qwen_float32(parts, tmp_path, capsys):
+    root, out = parts["root"], tmp_path / "llava"
+    rc, stdout, _ = run(capsys, "--vision", root / "siglip", "--llm", root / "qwen_untied", "--out", out,
+                        "--dtype", "float32")
+    assert rc == 0 and f"to {out}" in stdout and "16 image tokens per image" in stdout and "resized" in stdout
+    assert len(stdout.strip().splitlines()) == 1
+
+    llava = text_logits_equal(out, root / "qwen_untied", parts["n_untied"], torch.float32, atol=1e-6, rtol=1e-6)
+    cfg = llava.config
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.projector_hidden_act) == (-1, "full", "gelu")
+    assert cfg.multimodal_projector_bias and not cfg.tie_word_embeddings and llava.dtype == torch.float32
+    assert llava.lm_head.weight is not llava.model.language_model.embed_tokens.weight
+
+    # Weights: exactly the source files' tensors (the full checkpoint's vision half; the LLM).
+    vision_src = load_file(root / "siglip" / "model.safetensors")
+    tower = llava.model.vision_tower.state_dict()
+    assert set(tower) == {k.removeprefix("vision_model.") for k in vision_src if k.startswith("vision_model.")}
+    for key, value in tower.items():
+        assert torch.equal(value, vision_src["vision_model." + key]), key
+    llm_src = load_file(root / "qwen_untied" / "model.safetensors")
+    ours = {"model." + k: v for k, v in llava.model.language_model.state_dict().items()}
+    ours["lm_head.weight"] = llava.lm_head.weight
+    assert set(ours) == set(llm_src)
+    n = parts["n_untied"]
+    for key, value in ours.items():
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):  # one row added for <image>: the mean row
+            assert value.shape[0] == n + 1
+            assert torch.equal(value[:n], llm_src[key])
+            torch.testing.assert_close(value[n], llm_src[key].mean(0))
+        else:
+            assert torch.equal(value, llm_src[key]), key
+
+    # An image+text forward through the saved processor: (image_size / patch)^2 tokens of the new id.
+    processor = AutoProcessor.from_pretrained(str(out))
+    assert type(processor.image_processor).__name__ == "SiglipImageProcessorPil"
+    assert processor.image_token == IMAGE_PLACEHOLDER and processor.image_token_id == cfg.image_token_id == n
+    inputs = image_inputs(processor)
+    assert inputs["pixel_values"].shape[-2:] == (IMAGE, IMAGE)
+    assert int((inputs["input_ids"] == cfg.image_token_id).sum()) == (IMAGE // PATCH) ** 2
+    assert "USER:" in processor.decode(inputs["input_ids"][0])  # the llava_v1 template
+    with torch.no_grad():
+        result = llava(**inputs)
+    assert result.logits.shape == (*inputs["input_ids"].shape, n + 1) and torch.isfinite(result.logits).all()
+    assert result.image_hidden_states.shape == ((IMAGE // PATCH) ** 2, 32)
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == gen["pad_token_id"] == processor.tokenizer.eos_token_id == 0
+
+
+def test_vision_only_siglip_tied_qwen_bfloat16(parts, tmp_path, capsys):
+    root, out = parts["root"], tmp_path / "llava"
+    rc, stdout, _ = run(capsys, "--vision", root / "siglip_vision", "--llm", root / "qwen_tied", "--out", out)
+    assert rc == 0 and "bfloat16" in stdout and "tied embeddings" in stdout and "resized" not in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["text_config"]["tie_word_embeddings"]
+    assert config["text_config"]["vocab_size"] == parts["n_tied"] + 7  # the padded vocabulary had room
+    assert config["image_token_index"] == parts["n_tied"]
+
+    llava = text_logits_equal(out, root / "qwen_tied", parts["n_tied"], torch.bfloat16, atol=0, rtol=0)
+    assert llava.dtype == torch.bfloat16
+    assert llava.lm_head.weight is llava.model.language_model.embed_tokens.weight
+    vision_src = load_file(root / "siglip_vision" / "model.safetensors")
+    for key, value in llava.model.vision_tower.state_dict().items():
+        assert torch.equal(value, vision_src[key].to(torch.bfloat16)), key
+    llm_src = load_file(root / "qwen_tied" / "model.safetensors")
+    for key, value in llava.model.language_model.state_dict().items():
+        assert torch.equal(value, llm_src["model." + key].to(torch.bfloat16)), key
+    processor = AutoProcessor.from_pretrained(str(out))
+    with torch.no_grad():
+        assert torch.isfinite(llava(**image_inputs(processor)).logits.float()).all()
+
+
+def test_clip_qwen3_and_projector_seed(parts, tmp_path, capsys):
+    root = parts["root"]
+    outs = {}
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        outs[name] = tmp_path / name
+        rc, stdout, _ = run(capsys, "--vision", root / "clip", "--llm", root / "qwen3", "--out", outs[name],
+                            "--dtype", "float32", "--seed", seed, "--chat-template", "llava_v1_compact")
+        assert rc == 0 and "CLIP vision" in stdout and "qwen3 LLM" in stdout and "16 image tokens per image" in stdout
+    llava = text_logits_equal(outs["a"], root / "qwen3", parts["n_qwen3"], torch.float32, atol=1e-6, rtol=1e-6)
+    assert (llava.config.vision_feature_layer, llava.config.vision_feature_select_strategy) == (-2, "default")
+    vision_src = load_file(root / "clip" / "model.safetensors")
+    for key, value in llava.model.vision_tower.state_dict().items():
+        assert torch.equal(value, vision_src["vision_model." + key]), key
+    processor = AutoProcessor.from_pretrained(str(outs["a"]))
+    assert type(processor.image_processor).__name__ == "CLIPImageProcessorPil"
+    inputs = image_inputs(processor)
+    assert int((inputs["input_ids"] == llava.config.image_token_id).sum()) == (IMAGE // PATCH) ** 2  # CLS dropped
+    with torch.no_grad():
+        assert llava(**inputs).image_hidden_states.shape == ((IMAGE // PATCH) ** 2, 32)
+
+    projectors = {k: load_file(v / "model.safetensors") for k, v in outs.items()}
+    keys = [k for k in projectors["a"] if k.startswith("multi_modal_projector.")]
+    assert len(keys) == 4
+    assert all(torch.equal(projectors["a"][k], projectors["b"][k]) for k in keys)
+    weight = "multi_modal_projector.linear_1.weight"
+    assert not torch.equal(projectors["a"][weight], projectors["c"][weight]) and projectors["a"][weight].std() > 0
+
+
+def test_errors_name_the_file(parts, tmp_path, capsys):
+    root = parts["root"]
+    llm, vision = root / "qwen_tied", root / "siglip"
+
+    def fails(vision_dir, llm_dir, *needles):
+        rc, _, err = run(capsys, "--vision", vision_dir, "--llm", llm_dir, "--out", tmp_path / "out")
+        assert rc == 2, err
+        for needle in needles:
+            assert str(needle) in err, (needle, err)
+        assert not (tmp_path / "out").exists()
+
+    fails(tmp_path / "nope", llm, tmp_path / "nope", "no such directory")
+    (tmp_path / "empty").mkdir()
+    fails(tmp_path / "empty", llm, tmp_path / "empty" / "config.json", "missing")
+    fails(llm, llm, llm / "config.json", "'qwen2' is not supported for --vision")
+    fails(vision, vision, vision / "config.json", "'siglip' is not a causal language model")
+
+    no_pre = tmp_path / "no_pre"
+    shutil.copytree(vision, no_pre)
+    (no_pre / "preprocessor_config.json").unlink()
+    fails(no_pre, llm, no_pre / "preprocessor_config.json", "missing")
+
+    wrong_size = tmp_path / "wrong_size"
+    shutil.copytree(vision, wrong_size)
+    SiglipImageProcessorPil(size={"height": 48, "width": 48}).save_pretrained(wrong_size)
+    fails(wrong_size, llm, wrong_size / "preprocessor_config.json", "48x48", "32x32")
+
+    bigger = tmp_path / "bigger"  # config.json of another model size than its weights
+    shutil.copytree(vision, bigger)
+    cfg = json.loads((bigger / "config.json").read_text())
+    cfg["vision_config"]["hidden_size"] = 48
+    (bigger / "config.json").write_text(json.dumps(cfg))
+    fails(bigger, llm, bigger, "do not have the shapes config.json declares", "(32,) vs config (48,)")
+
+    bad_llm = tmp_path / "bad_llm"
+    shutil.copytree(llm, bad_llm)
+    cfg = json.loads((bad_llm / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (bad_llm / "config.json").write_text(json.dumps(cfg))
+    fails(vision, bad_llm, bad_llm, "do not have the shapes config.json declares")
+
+    rc, _, err = run(capsys, "--vision", vision, "--llm", llm, "--out", tmp_path / "out", "--chat-template", "nope")
+    assert rc == 2 and "unknown chat template 'nope'" in err
