@@ -1,4 +1,4 @@
-"""The ``aligntI`` command: ``train``, ``irs``, ``digitgrid``, ``init-model``, ``export``, ``eval``."""
+"""The ``aligntI`` command: ``train``, ``plan``, ``irs``, ``digitgrid``, ``init-model``, ``assemble``, ``export``, ``eval``."""
 
 from __future__ import annotations
 
