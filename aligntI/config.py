@@ -128,6 +128,12 @@ class TrainConfig:
         if self.save_every < 0:
             raise ConfigError(f"train.save_every: must be >= 0, got {self.save_every}")
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the run: ``max_steps``, or ``epochs`` of ``steps_per_epoch`` (at least one)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, int(self.epochs * steps_per_epoch))
+
 
 @dataclass
 class EngineConfig:

@@ -310,7 +310,7 @@ def plan_steps(cfg: RecipeConfig, batching: Batching, data: DataCount) -> Steps:
         return Steps(cfg.train.max_steps, per_epoch, "train.max_steps", problem)
     if not per_epoch:
         return Steps(None, per_epoch, f"train.epochs {cfg.train.epochs:g}", problem)
-    return Steps(max(1, int(cfg.train.epochs * per_epoch)), per_epoch,
+    return Steps(cfg.train.total_steps(per_epoch), per_epoch,
                  f"train.epochs {cfg.train.epochs:g} x {per_epoch:,} steps per epoch", problem)
 
 
@@ -321,7 +321,6 @@ def plan_steps(cfg: RecipeConfig, batching: Batching, data: DataCount) -> Steps:
 class Plan:
     recipe: str
     overrides: list[str]
-    distill: bool
     world_size: int
     world_size_source: str
     batching: Batching
@@ -335,6 +334,10 @@ class Plan:
     gpu_memory_gib: float
     run_dir: str
     resume_from: str | None
+
+    @property
+    def distill(self) -> bool:
+        return self.teacher_ds is not None
 
     @property
     def memory_total(self) -> float | None:
@@ -396,7 +399,7 @@ def make_plan(recipe: str | Path, overrides: list[str] | None = None, *, world_s
     resume = None
     if cfg.resume == "auto" and Path(cfg.run_dir, "checkpoints").is_dir():
         resume = latest_complete_checkpoint(Path(cfg.run_dir, "checkpoints"))
-    return Plan(str(recipe), list(overrides or []), cfg.teacher is not None, world, world_source, batching, data,
+    return Plan(str(recipe), list(overrides or []), world, world_source, batching, data,
                 steps, student_ds, teacher_ds, student, teacher, problems, gpu_memory_gib, cfg.run_dir, resume)
 
 

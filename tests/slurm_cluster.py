@@ -13,18 +13,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from conftest import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
 
 
 def missing_binaries() -> list[str]:
     search = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
     return [name for name in DAEMONS if shutil.which(name, path=search) is None]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], env: dict) -> str:
@@ -80,8 +76,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 MpiDefault=none
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 StateSaveLocation={root / 'state'}
 SlurmdSpoolDir={root / 'spool'}
 SlurmctldPidFile={root / 'slurmctld.pid'}

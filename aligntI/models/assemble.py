@@ -28,13 +28,13 @@ from transformers import (
     GenerationConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
     SiglipVisionModel,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
 from aligntI.data.formatting import IMAGE_PLACEHOLDER, load_chat_template
+from aligntI.models.builder import llava_processor, select_strategy
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -46,14 +46,13 @@ class AssembleError(ValueError):
 @dataclass(frozen=True)
 class VisionFamily:
     name: str
+    key: str  # models.builder's family name: decides feature selection and the processor's token count
     model_cls: type
     feature_layer: int  # index into the tower's hidden_states (0 = embeddings)
-    select_strategy: str  # "full" keeps every token; "default" drops the first (CLIP's CLS)
-    additional_tokens: int  # tokens the tower adds to the patches (CLIP's CLS)
 
 
-SIGLIP = VisionFamily("SigLIP", SiglipVisionModel, -1, "full", 0)
-CLIP = VisionFamily("CLIP", CLIPVisionModel, -2, "default", 1)  # LLaVA-1.5: penultimate layer, CLS dropped
+SIGLIP = VisionFamily("SigLIP", "siglip", SiglipVisionModel, -1)
+CLIP = VisionFamily("CLIP", "clip", CLIPVisionModel, -2)  # LLaVA-1.5: penultimate layer, CLS dropped
 VISION_FAMILIES = {"siglip": SIGLIP, "siglip_vision_model": SIGLIP, "clip": CLIP, "clip_vision_model": CLIP}
 
 
@@ -198,7 +197,7 @@ def build_llava(tower, family: VisionFamily, llm, image_token_id: int, image_seq
     config = LlavaConfig(
         vision_config=tower.config, text_config=text_config, image_token_id=image_token_id,
         image_seq_length=image_seq_length, vision_feature_layer=family.feature_layer,
-        vision_feature_select_strategy=family.select_strategy, projector_hidden_act="gelu",
+        vision_feature_select_strategy=select_strategy(family.key), projector_hidden_act="gelu",
         multimodal_projector_bias=True, tie_word_embeddings=bool(text_config.tie_word_embeddings),
     )
     with torch.device("meta"):
@@ -226,15 +225,6 @@ def build_llava(tower, family: VisionFamily, llm, image_token_id: int, image_seq
     if config.tie_word_embeddings and model.lm_head.weight is not inner.language_model.embed_tokens.weight:
         raise AssertionError("lm_head is not tied to the input embeddings although the LLM ties them")
     return model
-
-
-def build_processor(image_processor, tokenizer, patch_size: int, family: VisionFamily, chat_template: str):
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy=family.select_strategy,
-        num_additional_image_tokens=family.additional_tokens,
-        chat_template=load_chat_template(chat_template), image_token=IMAGE_PLACEHOLDER,
-    )
 
 
 def check_processor(processor, vision_config, vision_dir: Path) -> int:
@@ -276,7 +266,7 @@ def assemble(vision_dir: str | Path, llm_dir: str | Path, out_dir: str | Path, c
     image_token_id, resized = add_image_token(tokenizer, llm)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    processor = build_processor(image_processor, tokenizer, tower.config.patch_size, family, chat_template)
+    processor = llava_processor(image_processor, tokenizer, tower.config.patch_size, family.key, chat_template)
     tokens = check_processor(processor, tower.config, vision_dir)
     if processor.image_token_id != image_token_id:
         raise AssertionError(f"processor image token id {processor.image_token_id} != {image_token_id}")

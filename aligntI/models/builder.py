@@ -94,18 +94,26 @@ def image_processor(vision: VisionSpec):
     return CLIPImageProcessorPil(size={"shortest_edge": vision.image_size}, crop_size=size)
 
 
-def build_processor(tokenizer, vision: VisionSpec, chat_template: str) -> LlavaProcessor:
-    # SigLIP has no CLS token: keep every patch ("full"); CLIP drops its CLS ("default").
-    siglip = vision.family == "siglip"
+def select_strategy(family: str) -> str:
+    """SigLIP has no CLS token: keep every patch ("full"); CLIP drops its CLS ("default")."""
+    return "full" if family == "siglip" else "default"
+
+
+def llava_processor(image_proc, tokenizer, patch_size: int, family: str, chat_template: str) -> LlavaProcessor:
+    """The processor of a LLaVA model whose tower is ``family`` (``siglip`` or ``clip``)."""
     return LlavaProcessor(
-        image_processor=image_processor(vision),
+        image_processor=image_proc,
         tokenizer=tokenizer,
-        patch_size=vision.patch_size,
-        vision_feature_select_strategy="full" if siglip else "default",
-        num_additional_image_tokens=0 if siglip else 1,
+        patch_size=patch_size,
+        vision_feature_select_strategy=select_strategy(family),
+        num_additional_image_tokens=0 if family == "siglip" else 1,
         chat_template=load_chat_template(chat_template),
         image_token=IMAGE_PLACEHOLDER,
     )
+
+
+def build_processor(tokenizer, vision: VisionSpec, chat_template: str) -> LlavaProcessor:
+    return llava_processor(image_processor(vision), tokenizer, vision.patch_size, vision.family, chat_template)
 
 
 def build_model(spec: TinyModelSpec, tokenizer) -> LlavaForConditionalGeneration:
@@ -129,7 +137,7 @@ def build_model(spec: TinyModelSpec, tokenizer) -> LlavaForConditionalGeneration
         vision_config=vision_config, text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
         vision_feature_layer=-1,
-        vision_feature_select_strategy="full" if v.family == "siglip" else "default",
+        vision_feature_select_strategy=select_strategy(v.family),
         tie_word_embeddings=False,
     )
     torch.manual_seed(spec.seed)

@@ -105,10 +105,7 @@ class SFTRecipe:
             start_sample=self.start_step * per_rank_step,
         )
         self.steps_per_epoch = sampler.steps_per_epoch
-        if cfg.train.max_steps is not None:
-            self.total_steps = cfg.train.max_steps
-        else:
-            self.total_steps = max(1, int(cfg.train.epochs * self.steps_per_epoch))
+        self.total_steps = cfg.train.total_steps(self.steps_per_epoch)
         warmup = warmup_steps_for(self.total_steps, cfg.optim.warmup_ratio)
         self.student = ds.StudentEngine(
             model, param_groups(model, cfg.optim), cfg.optim, self.ds_config,
