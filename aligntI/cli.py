@@ -1,10 +1,12 @@
-"""The ``aligntI`` command: ``train``, ``plan``, ``irs``, ``digitgrid``, ``init-model``, ``assemble``, ``export``, ``eval``."""
+"""The ``aligntI`` command: ``train``, ``plan``, ``irs``, ``digitgrid``, ``init-model``, ``assemble``, ``export``, ``eval``,
+``attention-maps``, ``reproduce``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from aligntI.config import ConfigError, from_dict, load_recipe
@@ -102,10 +104,20 @@ def cmd_init_model(args) -> int:
     from aligntI.models.builder import TinyModelSpec, write_model_dir
 
     spec = from_dict(TinyModelSpec, yaml.safe_load(Path(args.spec).read_text()) or {})
+    if args.seed is not None:
+        spec = replace(spec, seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     out = write_model_dir(args.out, spec, tokenizer, vision_from=args.vision_from)
     copied = f" with the vision tower of {args.vision_from}" if args.vision_from else ""
     print(f"wrote a random {spec.text.family}/{spec.vision.family} LLaVA model{copied} to {out}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from aligntI.tasks.reproduce import reproduce
+
+    reproduce(quick=args.quick, out=args.out, seeds=args.seeds, steps=args.steps, teacher_steps=args.teacher_steps,
+              ranks_per_job=args.ranks_per_job)
     return 0
 
 
@@ -178,6 +190,62 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_attention_maps(args) -> int:
+    """Teacher vs student instruction→vision attention maps on a few samples: PNGs and attention_maps.json."""
+    import torch
+
+    from aligntI.data.records import RecordSource
+    from aligntI.eval.attention_maps import (
+        compute_attention_maps,
+        format_summary,
+        read_predictions,
+        resolve_layers,
+        write_attention_maps,
+    )
+
+    def named(spec: str, default: str) -> tuple[str, str]:
+        # NAME=DIR, or a bare DIR named after its folder.
+        name, sep, path = spec.partition("=")
+        return (name, path) if sep and "/" not in name else (Path(spec).name or default, spec)
+
+    try:
+        models = {"teacher": args.teacher}
+        for i, spec in enumerate(args.student):
+            name, path = named(spec, f"student{i}")
+            if name in models:
+                raise ValueError(f"model name {name!r} used twice; name the students NAME=DIR")
+            models[name] = path
+        if args.samples is None:
+            indices = list(range(min(args.first, len(RecordSource(args.data)))))
+        else:
+            try:
+                indices = [int(s) for s in args.samples.split(",") if s.strip()]
+            except ValueError:
+                raise ValueError(f"--samples: expected comma-separated record indices, got {args.samples!r}") \
+                    from None
+        layers, source = resolve_layers(models, "teacher", teacher_layer=args.teacher_layer, irs=args.irs,
+                                        student_layer=args.student_layer)
+        predictions = dict(named(spec, "") for spec in args.predictions)
+        unknown = set(predictions) - set(models)
+        if unknown:
+            raise ValueError(f"--predictions for unknown models {sorted(unknown)}; models: {list(models)}")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        result = compute_attention_maps(
+            models, args.data, indices, layers, teacher="teacher", images=args.images,
+            chat_template=args.chat_template, batch_size=args.batch_size, attn=args.attn, device=device,
+            max_length=args.max_length, predictions={n: read_predictions(p) for n, p in predictions.items()},
+            layer_source=source,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"aligntI attention-maps: {err}", file=sys.stderr)
+        return 2
+    paths = write_attention_maps(result, args.out)
+    print(format_summary(result))
+    print(f"{len(indices)} samples; teacher layer {layers['teacher']} ({source}). Wrote {paths['json']}, "
+          f"{paths['overview']} and {len(paths['samples'])} sample_*.png in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aligntI", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,7 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")
     p.add_argument("--out", required=True)
     p.add_argument("--vision-from", default=None, help="copy the trained vision tower of this model directory")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random weights (default: the spec's)")
     p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("reproduce", help="the paper's component table in miniature on the CPU example: teacher, "
+                                         "every row over seeds, results.md/png, attention heat-maps")
+    p.add_argument("--quick", action="store_true", help="the short preset: 2 seeds, 250 student steps (~10 min)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/mini/reproduce[_quick])")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's, 5)")
+    p.add_argument("--steps", type=int, default=None, help="student steps (default: the preset's, 800)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: the preset's, 3000)")
+    p.add_argument("--ranks-per-job", type=int, default=1,
+                   help="ranks of each student job; cores // ranks jobs run side by side (default 1)")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("assemble", help="the starting LLaVA model from a SigLIP/CLIP checkpoint and an LLM "
                                         "checkpoint (random projector), with its processor")
@@ -257,6 +337,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category-key", default="category")
     p.add_argument("--out", default=None, help="output folder (default: <model>/eval)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("attention-maps", help="pictures of the teacher's and students' instruction→vision "
+                                              "attention on a few samples, with similarity numbers")
+    p.add_argument("--teacher", required=True, help="teacher HF model directory")
+    layer = p.add_mutually_exclusive_group(required=True)
+    layer.add_argument("--teacher-layer", type=int, default=None, help="the teacher's layer to read")
+    layer.add_argument("--irs", default=None, help="irs.json (or the run directory holding it) whose "
+                                                   "chosen_layer is the teacher's layer")
+    p.add_argument("--student", action="append", default=[], metavar="NAME=DIR",
+                   help="a student model directory, repeatable (e.g. before=<dir> after=<run>/export)")
+    p.add_argument("--student-layer", type=int, default=None,
+                   help="every student's layer (default: the teacher layer's relative depth)")
+    p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL")
+    p.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--samples", default=None, help="record indices of --data, e.g. 0,5,9")
+    which.add_argument("--first", type=int, default=8, help="the first N records (default: 8)")
+    p.add_argument("--chat-template", default=None, help="template name or .jinja (default: the processor's)")
+    p.add_argument("--predictions", action="append", default=[], metavar="NAME=FILE",
+                   help="optional: a model's answers (aligntI eval's *_predictions.jsonl) shown in the titles")
+    p.add_argument("--attn", default="sdpa", help="text attention backend (sdpa or eager)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=4096)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_attention_maps)
     return parser
 
 

@@ -61,8 +61,10 @@ def init_distributed(timeout_minutes: int | None = None) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         # Ranks on one machine share its cores; without this each would start one thread per core.
-        local_size = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+        # An explicit OMP_NUM_THREADS (e.g. jobs run side by side) is the user's split and wins.
+        if "OMP_NUM_THREADS" not in os.environ:
+            local_size = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
         device = torch.device("cpu")
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 

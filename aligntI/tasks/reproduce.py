@@ -1,0 +1,316 @@
+"""The paper's component table in miniature, on the CPU example: every row over several seeds, one command.
+
+Teacher SFT once (both cores), then each student row (SFT, vanilla KD at its best temperature, uniform visual
+KD, +IVA, +TPA, Align-TI) for every seed through ``recipes/train.py``: real DeepSpeed engines, a frozen
+teacher engine, the rows' own recipes under ``recipes/mini/`` with the overrides written in each job's
+``job.json``. Students run side by side, one process per core, because on 2 cores two single-rank jobs
+finish about 1.5x sooner than one 2-rank job at a time (``--ranks-per-job 2`` runs them as 2-rank jobs).
+
+The vanilla-KD temperature is chosen on the validation split (mean over the first seeds), never on test.
+Every finished model is then scored on the held-out test split; ``results.md``/``results.json`` hold
+mean ± std per row next to the paper's numbers, ``results.png`` the bar chart, and ``attention_maps/``
+the teacher's IRS-layer attention beside the student's before and after distillation.
+
+A job whose run directory already holds its finished model with the same settings is not run again, so an
+interrupted reproduction continues where it stopped (each run also resumes from its own checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path("data/digitgrid")
+CATEGORIES = ("pos", "read", "sum", "odd")
+# The zero2 JSON: a student of 87K trainable parameters gains nothing from ZeRO-3's per-module gathers,
+# which cost 2-4x the step on gloo; the losses are the same (the ZeRO-3 paths are what the tests run).
+ENGINE = ["engine.ds_config=ds_configs/zero2.json", "engine.zero_stage=2", "data.num_workers=0"]
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    recipe: str
+    paper: float | None  # SPEC §7 component ablation: Qwen2.5-0.5B student, average of the six benchmarks
+    temperatures: tuple[float, ...] = ()  # more than one: chosen on the validation split
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.key != "sft"
+
+
+METHODS = (
+    Method("sft", "Student SFT", "recipes/mini/student_sft.yaml", 64.3),
+    Method("vanilla_kd", "Vanilla KD", "recipes/mini/vanilla_kd.yaml", 65.0, temperatures=(1.0, 2.0, 4.0)),
+    Method("visual_kd_uniform", "Uniform visual KD (LLaVA-KD style)", "recipes/mini/visual_kd_uniform.yaml", None),
+    Method("iva", "+IVA", "recipes/mini/iva_only.yaml", 65.1),
+    Method("tpa", "+TPA", "recipes/mini/tpa_only.yaml", 66.4),
+    Method("align_ti", "Align-TI (IVA + TPA)", "recipes/mini/align_ti.yaml", 66.7),
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    seeds: int
+    student_steps: int
+    teacher_steps: int
+    sweep_seeds: int  # seeds that try every vanilla-KD temperature
+    heatmap_samples: int
+
+
+PRESETS = {
+    "default": Preset(seeds=5, student_steps=800, teacher_steps=3000, sweep_seeds=2, heatmap_samples=8),
+    "quick": Preset(seeds=2, student_steps=250, teacher_steps=1500, sweep_seeds=1, heatmap_samples=4),
+}
+
+
+@dataclass
+class Job:
+    name: str
+    run_dir: Path
+    recipe: str
+    overrides: list[str]
+    ranks: int
+    before: Callable[[], None] | None = None  # in-process preparation (e.g. the student's initial weights)
+    after: Callable[[Job], None] | None = None  # called once the job has finished (may queue more jobs)
+    seconds: float = 0.0
+
+    @property
+    def settings(self) -> dict:
+        return {"recipe": self.recipe, "overrides": self.overrides, "ranks": self.ranks}
+
+    def finished(self) -> bool:
+        """Its HF model is exported and it was run with exactly these settings."""
+        record = self.run_dir / "job.json"
+        if not (self.run_dir / "final" / "config.json").is_file() or not record.is_file():
+            return False
+        return json.loads(record.read_text())["settings"] == self.settings
+
+    def command(self) -> list[str]:
+        launcher = [sys.executable]
+        if self.ranks > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.ranks}"]
+        return [*launcher, "recipes/train.py", "--config", self.recipe, *self.overrides]
+
+
+class Scheduler:
+    """Runs jobs as subprocesses, ``slots`` at a time, in queue order; a finished job may queue more."""
+
+    def __init__(self, slots: int, threads: int, log_dir: Path):
+        self.slots, self.threads, self.log_dir = slots, threads, log_dir
+        self.queue: list[Job] = []
+        self.failed: list[tuple[Job, Path]] = []
+
+    def add(self, job: Job) -> None:
+        self.queue.append(job)
+
+    def run(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
+        bar = tqdm(total=len(self.queue), desc="jobs", dynamic_ncols=True)
+        while self.queue or running:
+            while self.queue and len(running) < self.slots and not self.failed:
+                job = self.queue.pop(0)
+                if job.finished():
+                    tqdm.write(f"[reproduce] {job.name}: already done in {job.run_dir}")
+                    self._done(job, bar)
+                    continue
+                if job.before is not None:
+                    job.before()
+                env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+                log = open(self.log_dir / f"{job.name.replace('/', '_')}.log", "w")  # noqa: SIM115
+                proc = subprocess.Popen(job.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                log.close()
+                running[job.name] = (job, proc, time.monotonic())
+                bar.set_postfix_str(", ".join(running))
+            if not running:
+                break
+            time.sleep(0.5)
+            for name, (job, proc, start) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                job.seconds = time.monotonic() - start
+                if proc.returncode != 0:
+                    self.failed.append((job, self.log_dir / f"{name.replace('/', '_')}.log"))
+                    tqdm.write(f"[reproduce] {name} FAILED (exit {proc.returncode}); waiting for the running jobs")
+                    continue
+                (job.run_dir / "job.json").write_text(
+                    json.dumps({"settings": job.settings, "seconds": job.seconds}, indent=2) + "\n")
+                tqdm.write(f"[reproduce] {name}: done in {job.seconds / 60:.1f} min")
+                self._done(job, bar)
+                bar.set_postfix_str(", ".join(running))
+        bar.close()
+        if self.failed:
+            lines = [f"  {job.name}: see {log}" for job, log in self.failed]
+            raise RuntimeError("jobs failed (rerun the same command to continue):\n" + "\n".join(lines))
+
+    def _done(self, job: Job, bar) -> None:
+        bar.update(1)
+        if job.after is not None:
+            before = len(self.queue)
+            job.after(job)
+            bar.total += len(self.queue) - before
+            bar.refresh()
+
+
+def val_accuracy(run_dir: Path) -> float:
+    return json.loads((run_dir / "eval" / "val_scores.json").read_text())["all"]["accuracy"]
+
+
+@dataclass
+class Reproduction:
+    out: Path
+    preset: Preset
+    ranks_per_job: int = 1
+    cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+    runs: dict[str, list[Path]] = field(default_factory=dict)  # method key -> run dirs of the reported seeds
+    temperature: float | None = None  # vanilla KD's chosen temperature
+    sweep: dict[float, list[float]] = field(default_factory=dict)  # temperature -> validation accuracies
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.out / "teacher"
+
+    def student_init(self, seed: int) -> Path:
+        return self.out / "init" / f"student_seed{seed}"
+
+    def run_dir(self, method: Method, seed: int, temperature: float | None = None) -> Path:
+        suffix = f"_T{temperature:g}" if temperature is not None and len(method.temperatures) > 1 else ""
+        return self.out / f"{method.key}{suffix}" / f"seed{seed}"
+
+    # -- preparation ----------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        from aligntI.cli import main as cli
+
+        if not (REPO / DATA / "tokenizer").is_dir():
+            cli(["digitgrid", "--out", str(DATA)])
+        teacher_init = self.out / "init" / "teacher"
+        if not (teacher_init / "config.json").is_file():
+            cli(["init-model", "--spec", "recipes/mini/models/teacher.yaml", "--tokenizer", str(DATA / "tokenizer"),
+                 "--out", str(teacher_init)])
+
+    def make_student_init(self, seed: int) -> None:
+        from aligntI.cli import main as cli
+
+        path = self.student_init(seed)
+        if not (path / "config.json").is_file():
+            cli(["init-model", "--spec", "recipes/mini/models/student.yaml", "--tokenizer", str(DATA / "tokenizer"),
+                 "--vision-from", str(self.teacher_dir / "final"), "--seed", str(seed), "--out", str(path)])
+
+    # -- jobs -----------------------------------------------------------------------------------------
+
+    def teacher_job(self) -> Job:
+        cores = max(1, self.cores)
+        return Job("teacher", self.teacher_dir, "recipes/mini/teacher_sft.yaml", [
+            f"run_dir={self.teacher_dir}", f"model.path={self.out / 'init' / 'teacher'}",
+            f"train.max_steps={self.preset.teacher_steps}", f"train.micro_batch_size={32 // min(cores, 2)}",
+            *ENGINE], ranks=min(cores, 2))
+
+    def student_job(self, method: Method, seed: int, temperature: float | None = None) -> Job:
+        run_dir = self.run_dir(method, seed, temperature)
+        overrides = [
+            f"run_dir={run_dir}", f"seed={seed}", f"model.path={self.student_init(seed)}",
+            f"train.max_steps={self.preset.student_steps}", f"train.micro_batch_size={32 // self.ranks_per_job}",
+            f"eval.data={DATA / 'val.json'}", *ENGINE,
+        ]
+        if method.needs_teacher:
+            overrides.append(f"teacher.path={self.teacher_dir / 'final'}")
+        if temperature is not None:
+            overrides.append(f"kd.temperature={temperature:g}")
+        name = f"{method.key}{f'_T{temperature:g}' if temperature is not None else ''}/seed{seed}"
+        return Job(name, run_dir, method.recipe, overrides, ranks=self.ranks_per_job,
+                   before=lambda: self.make_student_init(seed))
+
+    def student_jobs(self, scheduler: Scheduler) -> None:
+        """Every row and seed; the vanilla-KD sweep first, so its choice is known while the rest run."""
+        seeds = range(self.preset.seeds)
+        sweep_seeds = range(min(self.preset.sweep_seeds, self.preset.seeds))
+        kd = next(m for m in METHODS if m.temperatures)
+        sweep_jobs = [self.student_job(kd, s, t) for s in sweep_seeds for t in kd.temperatures]
+        pending = {job.name for job in sweep_jobs}
+
+        def sweep_done(job: Job) -> None:
+            pending.discard(job.name)
+            if pending:
+                return
+            for t in kd.temperatures:
+                self.sweep[t] = [val_accuracy(self.run_dir(kd, s, t)) for s in sweep_seeds]
+            # Ties go to the lower temperature, the plainer method.
+            self.temperature = max(kd.temperatures, key=lambda t: (statistics.mean(self.sweep[t]), -t))
+            tqdm.write(f"[reproduce] vanilla KD: validation accuracy per temperature "
+                       f"{ {t: round(statistics.mean(v), 1) for t, v in self.sweep.items()} } -> T={self.temperature:g}")
+            self.runs[kd.key] = [self.run_dir(kd, s, self.temperature) for s in seeds]
+            for s in seeds:
+                if s not in sweep_seeds:
+                    scheduler.queue.insert(0, self.student_job(kd, s, self.temperature))
+
+        for job in sweep_jobs:
+            job.after = sweep_done
+            scheduler.add(job)
+        for method in METHODS:
+            if method.temperatures:
+                continue
+            self.runs[method.key] = [self.run_dir(method, s) for s in seeds]
+            for s in seeds:
+                scheduler.add(self.student_job(method, s))
+
+    def train_all(self) -> None:
+        self.prepare_data()
+        logs = self.out / "logs"
+        teacher = Scheduler(slots=1, threads=max(1, self.cores // 2), log_dir=logs)
+        teacher.add(self.teacher_job())
+        teacher.run()
+        slots = max(1, self.cores // self.ranks_per_job)
+        students = Scheduler(slots=slots, threads=max(1, self.cores // (slots * self.ranks_per_job)), log_dir=logs)
+        self.student_jobs(students)
+        students.run()
+
+    # -- evaluation and report --------------------------------------------------------------------------
+
+    def evaluate_all(self) -> dict:
+        """Test exact match of the teacher and every reported student, in this process."""
+        import torch
+
+        from aligntI.tasks.reproduce_report import evaluate_model_dir
+
+        torch.set_num_threads(self.cores)
+        test = DATA / "test.json"
+        scores = {"teacher": [evaluate_model_dir(self.teacher_dir / "final", test)]}
+        for key, dirs in tqdm(list(self.runs.items()), desc="test", dynamic_ncols=True):
+            scores[key] = [evaluate_model_dir(d / "final", test) for d in dirs]
+        return scores
+
+
+def reproduce(*, quick: bool = False, out: str | None = None, seeds: int | None = None, steps: int | None = None,
+              teacher_steps: int | None = None, ranks_per_job: int = 1) -> str:
+    """Train everything that is not already done, evaluate, write the report; returns results.md's text."""
+    from aligntI.tasks.reproduce_report import write_report
+
+    base = PRESETS["quick" if quick else "default"]
+    seeds = seeds or base.seeds
+    preset = Preset(seeds=seeds, student_steps=steps or base.student_steps,
+                    teacher_steps=teacher_steps or base.teacher_steps, sweep_seeds=min(base.sweep_seeds, seeds),
+                    heatmap_samples=base.heatmap_samples)
+    os.chdir(REPO)
+    start = time.monotonic()
+    repro = Reproduction(out=Path(out or ("runs/mini/reproduce_quick" if quick else "runs/mini/reproduce")),
+                         preset=preset, ranks_per_job=ranks_per_job)
+    repro.train_all()
+    scores = repro.evaluate_all()
+    text = write_report(repro, scores, minutes=(time.monotonic() - start) / 60)
+    print(text, flush=True)
+    print(f"[reproduce] wrote {repro.out / 'results.md'}, results.json, results.png and attention_maps/", flush=True)
+    return text
