@@ -141,21 +141,89 @@ def cmd_assemble(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """Greedy generation + exact match for an HF model directory (one process or under torchrun)."""
+    """Benchmarks (``--bench`` or ``--config``) or exact match on a LLaVA-format file, one process or many."""
+    from aligntI.config import BenchmarkConfig, EvalRecipe
+
+    if args.config:
+        if args.model or args.data or args.bench:
+            raise ConfigError("eval: give --config (an evaluation recipe) or --model/--data, not both")
+        return evaluate_recipe(load_recipe(args.config, args.overrides, schema=EvalRecipe))
+    if not args.model or not args.data:
+        raise ConfigError("eval: --model and --data are required (or --config)")
+    if args.overrides:
+        raise ConfigError(f"eval: overrides {args.overrides} only apply to --config recipes")
+    if args.bench:
+        recipe = EvalRecipe(
+            model=args.model, benchmarks=[BenchmarkConfig(args.bench, args.data, args.images, args.annotations,
+                                                          args.max_samples)],
+            out=args.out, chat_template=args.chat_template, batch_size=args.batch_size or 16,
+            max_new_tokens=args.max_new_tokens or 128, attn=args.attn, zero3=args.zero3)
+        recipe.validate()
+        return evaluate_recipe(recipe)
+    if args.annotations or args.zero3:
+        raise ConfigError("eval: --annotations and --zero3 apply to --bench/--config evaluations")
+    return evaluate_exact_match_file(args)
+
+
+def load_eval_model(path: str, attn: str, zero3: bool, dist):
+    """The model in eval mode on this rank's device, or partitioned over the ranks (ZeRO-3)."""
+    import torch
+
     from aligntI import engine as ds
-    from aligntI.config import AttentionConfig, DataConfig, DataSource
+    from aligntI.config import AttentionConfig
+    from aligntI.models.loading import load_model
+
+    dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
+    attention = AttentionConfig(attn, "sdpa")  # --attn is the LLM's; the vision tower runs SDPA
+    model = load_model(path, attention, dtype)
+    if zero3:
+        return ds.inference_engine(model, bf16=dtype == torch.bfloat16).module
+    return model.to(dist.device).eval()
+
+
+def evaluate_recipe(recipe) -> int:
+    from aligntI import engine as ds
+    from aligntI.config import DataConfig, DataSource
+    from aligntI.data.loader import build_encoder
+    from aligntI.eval.benchmarks import TITLES
+    from aligntI.eval.suite import evaluate_benchmark, write_table
+    from aligntI.models.loading import load_processor
+
+    dist = ds.init_distributed()
+    processor = load_processor(recipe.model)
+    model = load_eval_model(recipe.model, recipe.attn, recipe.zero3, dist)
+    encoder = build_encoder(processor, DataConfig(train=[DataSource(recipe.benchmarks[0].data)],
+                                                  chat_template=recipe.chat_template, max_length=10**9))
+    out = Path(recipe.out) if recipe.out else Path(recipe.model) / "eval"
+    for bench in recipe.benchmarks:
+        score = evaluate_benchmark(model, processor, encoder, bench, recipe, out, device=dist.device,
+                                   rank=dist.rank, world_size=dist.world_size)
+        if score is not None:
+            print(f"[aligntI] {TITLES[bench.name]}: {score.score:.2f} ({score.n} questions) -> "
+                  f"{out / (bench.name + '_answers.jsonl')}", flush=True)
+    if dist.is_main:
+        print(write_table(out, recipe.model), flush=True)
+        print(f"[aligntI] wrote {out / 'scores.md'} and {out / 'scores.json'}", flush=True)
+    ds.destroy()
+    return 0
+
+
+def evaluate_exact_match_file(args) -> int:
+    """Greedy generation + exact match against the last turn of each record (e.g. the CPU example)."""
+    from aligntI import engine as ds
+    from aligntI.config import DataConfig, DataSource
     from aligntI.data.loader import build_encoder
     from aligntI.eval.generation import evaluate_exact_match, load_eval_items
-    from aligntI.models.loading import load_model, load_processor
+    from aligntI.models.loading import load_processor
 
     dist = ds.init_distributed()
     processor = load_processor(args.model)
-    model = load_model(args.model, AttentionConfig(args.attn, args.attn)).to(dist.device).eval()
+    model = load_eval_model(args.model, args.attn, False, dist)
     data = DataConfig(train=[DataSource(args.data)], chat_template=args.chat_template, max_length=10**9)
     items = load_eval_items(args.data, args.images, args.category_key, args.max_samples)
     evaluate_exact_match(
-        model, processor, build_encoder(processor, data), items, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, device=dist.device, rank=dist.rank, world_size=dist.world_size,
+        model, processor, build_encoder(processor, data), items, batch_size=args.batch_size or 64,
+        max_new_tokens=args.max_new_tokens or 16, device=dist.device, rank=dist.rank, world_size=dist.world_size,
         out_dir=Path(args.out) if args.out else Path(args.model) / "eval", name=Path(args.data).stem,
         title=args.model,
     )
@@ -247,6 +315,8 @@ def cmd_attention_maps(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from aligntI.eval.benchmarks import BENCHMARKS
+
     parser = argparse.ArgumentParser(prog="aligntI", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -325,16 +395,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: <run>/export_<tag>)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("eval", help="greedy-generation exact-match evaluation of an HF model directory")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL; the last turn is the reference")
+    p = sub.add_parser("eval", help="greedy generation of an HF model directory scored on the paper's benchmarks "
+                                    "(--bench, --config) or by exact match (--data alone)")
+    p.add_argument("--config", default=None, help="evaluation recipe YAML (recipes/eval/): model + benchmarks")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the --config recipe")
+    p.add_argument("--model", default=None, help="HF model directory (e.g. a run's final/)")
+    p.add_argument("--bench", default=None, choices=BENCHMARKS,
+                   help="score --data with this benchmark's conventions (LLaVA's evaluation files)")
+    p.add_argument("--data", default=None, help="question file; without --bench: LLaVA-format JSON/JSONL whose "
+                                                "last turn is the reference (exact match)")
     p.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
+    p.add_argument("--annotations", default=None, help="--bench: reference file or folder when the question "
+                                                       "file has no answers (see recipes/eval/README.md)")
     p.add_argument("--chat-template", default=None, help="template name or .jinja (default: the processor's)")
     p.add_argument("--attn", default="sdpa")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--zero3", action="store_true", help="partition the model over the ranks (ZeRO-3)")
+    p.add_argument("--batch-size", type=int, default=None, help="per rank (default 16 with --bench, else 64)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 128 with --bench, else 16")
     p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--category-key", default="category")
+    p.add_argument("--category-key", default="category", help="exact match: record field to group accuracy by")
     p.add_argument("--out", default=None, help="output folder (default: <model>/eval)")
     p.set_defaults(func=cmd_eval)
 

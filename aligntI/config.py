@@ -153,6 +153,42 @@ class EvalConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """One benchmark of an evaluation recipe, in LLaVA's evaluation-file layout (aligntI/eval/benchmarks.py)."""
+
+    name: Literal["gqa", "sqa_img", "textvqa", "pope", "mme", "mmbench"]
+    data: str  # the question file
+    images: str | None = None  # image folder (MMBench: inside the TSV)
+    annotations: str | None = None  # references when the question file has none (GQA/SQA/TextVQA/POPE/MME)
+    max_samples: int | None = None  # the first N questions
+
+
+@dataclass
+class EvalRecipe:
+    """``aligntI eval --config``: one exported model on several benchmarks, one score table."""
+
+    model: str
+    benchmarks: list[BenchmarkConfig]
+    out: str | None = None  # default: <model>/eval
+    chat_template: str | None = None  # default: the processor's (saved with the model)
+    batch_size: int = 16  # per rank
+    max_new_tokens: int = 128  # LLaVA's evaluation default
+    attn: str = "sdpa"  # text attention backend (flash_attention_2 on GPU)
+    zero3: bool = False  # partition the model over the ranks (ZeRO-3, synchronised generation)
+
+    def validate(self) -> None:
+        names = [b.name for b in self.benchmarks]
+        if not names:
+            raise ConfigError("benchmarks: empty; list at least one")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"benchmarks: {dup[0]} is listed twice")
+        for key in ("batch_size", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
 class TeacherConfig:
     """The frozen model distilled from: its own DeepSpeed engine, no optimizer, sharded like the student."""
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aligntI.config import ConfigError, RecipeConfig, from_dict, load_recipe, resolve_batching
+from aligntI.config import ConfigError, EvalRecipe, RecipeConfig, from_dict, load_recipe, resolve_batching
 from aligntI.models.builder import TinyModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +157,8 @@ def test_every_recipe_yaml_validates_and_documents_itself(path, monkeypatch):
     assert any("Command:" in h for h in header) and any("Needs:" in h for h in header), path
     if path.parent.name == "models":
         from_dict(TinyModelSpec, yaml.safe_load(path.read_text()))
+    elif path.parent.name == "eval":
+        load_recipe(path, schema=EvalRecipe)
     else:
         load_recipe(path)
 

@@ -258,6 +258,24 @@ class TeacherEngine:
             return self.engine(**inputs)
 
 
+def inference_engine(model, bf16: bool) -> TeacherEngine:
+    """``model`` partitioned over the ranks (ZeRO-3, no optimizer) for evaluating a model that one device cannot
+    hold; every rank must then generate together (``synced_gpus``)."""
+    import deepspeed
+
+    cfg = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": bf16}, "steps_per_print": 10**9,
+           # Every parameter partitioned, small ones included: the memory is the point here.
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine = TeacherEngine(model, cfg)
+    # nn.MultiheadAttention (SigLIP's pooling head) uses out_proj's weights without calling out_proj. The engine's
+    # own forward discovers such parameters; generate() calls the module directly, so name them here.
+    for module in engine.module.modules():
+        if isinstance(module, torch.nn.MultiheadAttention):
+            for param in module.out_proj.parameters():
+                deepspeed.zero.register_external_parameter(module, param)
+    return engine
+
+
 @contextmanager
 def gathered_parameters(module):
     """All of ``module``'s parameters whole on every rank inside the block (read-only); a no-op off ZeRO-3."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,30 +44,44 @@ def load_eval_items(path: str, images: str | None, category_key: str, max_sample
     return items
 
 
+@dataclass
+class Prompt:
+    """One generation request: the conversation so far and, when it has one, how to read its image."""
+
+    id: str
+    messages: list[dict]
+    image: Callable[[], Image.Image] | None = None
+
+
+def exact_match_prompts(items: list[dict]) -> list[Prompt]:
+    return [Prompt(it["id"], it["prompt"], (lambda p=it["image"]: Image.open(p).convert("RGB")) if it["image"]
+                   else None) for it in items]
+
+
 @torch.no_grad()
-def generate_answers(model, processor, encoder: ConversationEncoder, items: list[dict], *, batch_size: int,
+def generate_answers(model, processor, encoder: ConversationEncoder, prompts: list[Prompt], *, batch_size: int,
                      max_new_tokens: int, device, rank: int = 0, world_size: int = 1,
-                     progress: bool = True) -> list[dict]:
-    """Returns this rank's predictions: ``{"id", "category", "reference", "prediction"}``."""
-    mine = items[rank::world_size]
-    n_batches = -(-len(items) // (batch_size * world_size))
+                     progress: bool = True) -> dict[str, str]:
+    """Greedy answers to this rank's share of ``prompts`` (every ``world_size``-th one), by id."""
+    mine = prompts[rank::world_size]
+    n_batches = -(-len(prompts) // (batch_size * world_size))
     tok = processor.tokenizer
-    out = []
+    out = {}
     bar = tqdm(range(n_batches), desc="eval", disable=not progress or rank != 0, leave=False)
     for b in bar:
         chunk = mine[b * batch_size : (b + 1) * batch_size]
         real = len(chunk)
         if not chunk:  # this rank ran out: repeat its first batch so collectives stay in step
-            chunk = mine[:batch_size] or items[:1]
-        prompts = [encoder.prompt_ids(it["prompt"]) for it in chunk]
-        width = max(len(p) for p in prompts)
+            chunk = mine[:batch_size] or prompts[:1]
+        ids = [encoder.prompt_ids(p.messages) for p in chunk]
+        width = max(len(i) for i in ids)
         pad = tok.pad_token_id
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding: generation continues from the right edge
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, p in enumerate(ids):  # left padding: generation continues from the right edge
             input_ids[row, width - len(p):] = torch.tensor(p)
             attention[row, width - len(p):] = 1
-        images = [Image.open(it["image"]).convert("RGB") for it in chunk if it["image"]]
+        images = [p.image() for p in chunk if p.image is not None]
         kwargs = {}
         if images:
             kwargs["pixel_values"] = processor.image_processor(images=images, return_tensors="pt")[
@@ -76,10 +92,22 @@ def generate_answers(model, processor, encoder: ConversationEncoder, items: list
             **kwargs,
         )
         texts = tok.batch_decode(generated[:, width:], skip_special_tokens=True)
-        for it, text in zip(chunk[:real], texts[:real]):
-            out.append({"id": it["id"], "category": it["category"], "reference": it["reference"],
-                        "prediction": text.strip()})
+        out.update({p.id: text.strip() for p, text in zip(chunk[:real], texts[:real])})
     return out
+
+
+def gather_answers(local: dict[str, str], rank: int, world_size: int) -> dict[str, str] | None:
+    """Every rank's answers on rank 0 (None elsewhere)."""
+    if world_size == 1:
+        return local
+    parts = [None] * world_size
+    torch.distributed.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()} if rank == 0 else None
+
+
+def with_answers(items: list[dict], answers: dict[str, str]) -> list[dict]:
+    return [{"id": it["id"], "category": it["category"], "reference": it["reference"], "prediction": answers[it["id"]]}
+            for it in items]
 
 
 def exact_match_scores(predictions: list[dict]) -> dict:
@@ -114,13 +142,12 @@ def evaluate_exact_match(model, processor, encoder: ConversationEncoder, items: 
                          max_new_tokens: int, device, rank: int, world_size: int, out_dir: Path, name: str,
                          title: str) -> dict | None:
     """Generate on every rank, gather on rank 0, score, write and print; returns the scores on rank 0."""
-    preds = generate_answers(model, processor, encoder, items, batch_size=batch_size,
+    local = generate_answers(model, processor, encoder, exact_match_prompts(items), batch_size=batch_size,
                              max_new_tokens=max_new_tokens, device=device, rank=rank, world_size=world_size)
-    gathered = [None] * world_size
-    torch.distributed.all_gather_object(gathered, preds)
-    if rank != 0:
+    answers = gather_answers(local, rank, world_size)
+    if answers is None:
         return None
-    everything = [p for part in gathered for p in part]
+    everything = with_answers(items, answers)
     scores = exact_match_scores(everything)
     write_results(Path(out_dir), name, everything, scores)
     print(format_scores(scores, f"{title}: exact match on {name} ({len(everything)} samples)"), flush=True)

@@ -15,7 +15,14 @@ def evaluate_model_dir(model_dir: Path, data: Path, batch_size: int = 250, max_n
 
     from aligntI.config import AttentionConfig, DataConfig, DataSource
     from aligntI.data.loader import build_encoder
-    from aligntI.eval.generation import exact_match_scores, generate_answers, load_eval_items, write_results
+    from aligntI.eval.generation import (
+        exact_match_prompts,
+        exact_match_scores,
+        generate_answers,
+        load_eval_items,
+        with_answers,
+        write_results,
+    )
     from aligntI.models.loading import load_model, load_processor
 
     processor = load_processor(str(model_dir))
@@ -23,8 +30,9 @@ def evaluate_model_dir(model_dir: Path, data: Path, batch_size: int = 250, max_n
     encoder = build_encoder(processor, DataConfig(train=[DataSource(str(data))], chat_template=None,
                                                   max_length=10**9))
     items = load_eval_items(str(data), None, "category", None)
-    preds = generate_answers(model, processor, encoder, items, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             device=torch.device("cpu"), progress=False)
+    answers = generate_answers(model, processor, encoder, exact_match_prompts(items), batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, device=torch.device("cpu"), progress=False)
+    preds = with_answers(items, answers)
     scores = exact_match_scores(preds)
     write_results(Path(model_dir) / "eval", Path(data).stem, preds, scores)
     return {k: v["accuracy"] for k, v in scores.items()}
