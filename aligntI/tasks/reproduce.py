@@ -146,8 +146,8 @@ class Scheduler:
                     self.failed.append((job, self.log_dir / f"{name.replace('/', '_')}.log"))
                     tqdm.write(f"[reproduce] {name} FAILED (exit {proc.returncode}); waiting for the running jobs")
                     continue
-                (job.run_dir / "job.json").write_text(
-                    json.dumps({"settings": job.settings, "seconds": job.seconds}, indent=2) + "\n")
+                (job.run_dir / "job.json").write_text(json.dumps(
+                    {"settings": job.settings, "seconds": job.seconds, "ended": time.time()}, indent=2) + "\n")
                 tqdm.write(f"[reproduce] {name}: done in {job.seconds / 60:.1f} min")
                 self._done(job, bar)
                 bar.set_postfix_str(", ".join(running))

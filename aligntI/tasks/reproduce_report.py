@@ -63,6 +63,19 @@ def final_losses(run_dir: Path, tail: float = 0.1) -> dict[str, float]:
     return {k: statistics.mean(r[k] for r in last) for k in keys if all(k in r for r in last)}
 
 
+def training_minutes(out: Path) -> dict[str, float]:
+    """Wall time of the training jobs from their job.json records: the teacher, then all the students."""
+    spans = {}
+    for record in Path(out).glob("**/job.json"):
+        job = json.loads(record.read_text())
+        ended = job.get("ended", record.stat().st_mtime)
+        spans[record.parent] = (ended - job["seconds"], ended)
+    teacher = [v for k, v in spans.items() if k.name == "teacher"]
+    students = [v for k, v in spans.items() if k.name != "teacher"]
+    span = lambda xs: (max(e for _, e in xs) - min(s for s, _ in xs)) / 60 if xs else 0.0  # noqa: E731
+    return {"teacher": span(teacher), "students": span(students), "student_jobs": len(students)}
+
+
 def fixed_samples(data: Path, per_category: int) -> list[int]:
     """The first ``per_category`` test questions of each category: the same pictures in every run."""
     records = json.loads(Path(data).read_text())
@@ -90,7 +103,8 @@ def summarise(repro, scores: dict[str, list[dict]]) -> dict:
         })
     by_key = {r["key"]: r for r in rows}
     return {
-        "preset": vars(repro.preset), "ranks_per_job": repro.ranks_per_job,
+        "preset": vars(repro.preset), "ranks_per_job": repro.ranks_per_job, "cores": repro.cores,
+        "slots": max(1, repro.cores // repro.ranks_per_job), "wall_minutes": training_minutes(repro.out),
         "teacher": scores["teacher"][0],
         "rows": rows,
         "kd_temperature": repro.temperature,
@@ -173,8 +187,8 @@ def plot_results(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _pm(value: tuple[float, float]) -> str:
-    return f"{value[0]:.1f} ± {value[1]:.1f}"
+def _pm(value: tuple[float, float], digits: int = 1) -> str:
+    return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
 
 
 def _diff(d: dict) -> str:
@@ -182,7 +196,9 @@ def _diff(d: dict) -> str:
 
 
 def format_markdown(summary: dict, attention: dict, minutes: float) -> str:
+    """``minutes``: this invocation's evaluation and report (training times come from the jobs' records)."""
     p = summary["preset"]
+    w = summary["wall_minutes"]
     t = summary["teacher"]
     lines = [
         "# Miniature reproduction of the paper's component table (DigitGrid, CPU)",
@@ -190,7 +206,11 @@ def format_markdown(summary: dict, attention: dict, minutes: float) -> str:
         f"Teacher: SigLIP h64/L2 + Qwen2 h128/L4, SFT {p['teacher_steps']} steps on 30k samples: test exact match "
         f"**{t['all']:.1f}**. Students: the teacher's frozen SigLIP + Qwen2 h64/L2, 3k training samples, "
         f"{p['student_steps']} steps, seeds 0-{p['seeds'] - 1} (initial weights and data order). Test: 1000 held-out "
-        f"questions. Paper: Qwen2.5-0.5B student, average of the six benchmarks (SPEC §7). Wall time {minutes:.0f} min.",
+        f"questions. Paper: Qwen2.5-0.5B student, average of the six benchmarks (SPEC §7).",
+        "",
+        f"Wall time on {summary['cores']} CPU cores: teacher {w['teacher']:.1f} min (2 ranks), {w['student_jobs']} student "
+        f"jobs {w['students']:.1f} min ({summary['slots']} side by side, {summary['ranks_per_job']} rank each), test "
+        f"evaluation and this report {minutes:.1f} min; total {w['teacher'] + w['students'] + minutes:.1f} min.",
         "",
         "| method | test exact match (mean ± std) | pos | read | sum | odd | per seed | paper (avg of six) |",
         "|---|---|---|---|---|---|---|---|",
@@ -227,14 +247,15 @@ def format_markdown(summary: dict, attention: dict, minutes: float) -> str:
         "|---|---|---|---|---|---|",
     ]
     close = attention["closeness"]
-    lines.append(f"| student before training | | | | {_pm(close['before']['cosine'])} | {_pm(close['before']['tv'])} |")
+    lines.append(f"| student before training | | | | {_pm(close['before']['cosine'], 3)} | "
+                 f"{_pm(close['before']['tv'], 3)} |")
     for r in summary["rows"]:
         ls = r["losses"]
         terms = ", ".join(f"{k} {ls[k]:.3f}" for k in ("sft", "kd", "iva", "tpa") if k in ls) or f"sft {ls['loss']:.3f}"
         agree = f"{ls['top1_agreement']:.3f}" if "top1_agreement" in ls else ""
         c = close[r["key"]]
-        lines.append(f"| {r['label']} | {terms} | {agree} | {ls['step_time_s']:.3f} | {_pm(c['cosine'])} | "
-                     f"{_pm(c['tv'])} |")
+        lines.append(f"| {r['label']} | {terms} | {agree} | {ls['step_time_s']:.3f} | {_pm(c['cosine'], 3)} | "
+                     f"{_pm(c['tv'], 3)} |")
     lines += [
         "",
         "Attention: the instruction→vision focus at the layers above on 200 test questions (cosine: 1 = the "

@@ -1,0 +1,88 @@
+"""`aligntI reproduce` end to end at a few steps, and the rules it relies on (skips, temperature choice, report)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import launch_env
+from PIL import Image
+
+from aligntI.tasks.reproduce import METHODS, Job
+from aligntI.tasks.reproduce_report import fixed_samples, mean_std, paired_difference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_job_is_skipped_only_when_finished_with_the_same_settings(tmp_path):
+    job = Job("sft/seed0", tmp_path / "run", "recipes/mini/student_sft.yaml", ["seed=0"], ranks=1)
+    assert not job.finished()
+    (job.run_dir / "final").mkdir(parents=True)
+    (job.run_dir / "final" / "config.json").write_text("{}")
+    assert not job.finished()  # exported, but no record of how
+    (job.run_dir / "job.json").write_text(json.dumps({"settings": job.settings, "seconds": 1.0}))
+    assert job.finished()
+    other = Job("sft/seed0", job.run_dir, job.recipe, ["seed=0", "train.max_steps=9"], ranks=1)
+    assert not other.finished()  # other settings: run again, never reuse
+    assert job.command()[1:] == ["recipes/train.py", "--config", "recipes/mini/student_sft.yaml", "seed=0"]
+    two = Job("x", job.run_dir, job.recipe, [], ranks=2).command()
+    assert two[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+
+
+def test_report_statistics_by_hand():
+    assert mean_std([70.0, 74.0, 72.0]) == (72.0, 2.0)  # sample std: sqrt((4 + 4 + 0) / 2)
+    assert mean_std([5.0]) == (5.0, 0.0)
+    d = paired_difference([80.0, 82.0, 90.0], [78.0, 81.0, 85.0])
+    assert d["per_seed"] == [2.0, 1.0, 5.0] and d["mean"] == pytest.approx(8 / 3)
+    # paired t = mean / (sd / sqrt(3)); sd of (2, 1, 5) = sqrt(13/3); t = 2.2188, two-sided p with 2 dof = 0.1566
+    assert d["p_value"] == pytest.approx(0.1566, abs=1e-3)
+
+
+def test_heatmap_questions_are_the_first_of_each_type(tmp_path):
+    records = [{"category": c} for c in ("sum", "pos", "pos", "read", "odd", "pos", "odd", "sum", "read")]
+    (tmp_path / "t.json").write_text(json.dumps(records))
+    assert fixed_samples(tmp_path / "t.json", 2) == [0, 1, 2, 3, 4, 6, 7, 8]
+
+
+def test_reproduce_runs_every_row_over_seeds_and_reports(tmp_path):
+    out = tmp_path / "repro"
+    cmd = [sys.executable, "-m", "aligntI.cli", "reproduce", "--seeds", "2", "--steps", "3", "--teacher-steps", "4",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [r["key"] for r in res["rows"]] == [m.key for m in METHODS]
+    assert all(len(r["per_seed"]) == 2 for r in res["rows"])
+
+    # Every student job ran with its seed, its own initial weights and the teacher; the seeds' weights differ.
+    job = json.loads((out / "align_ti" / "seed1" / "job.json").read_text())["settings"]
+    assert {"seed=1", f"model.path={out / 'init' / 'student_seed1'}", "train.max_steps=3",
+            f"teacher.path={out / 'teacher' / 'final'}"} <= set(job["overrides"])
+    w0, w1 = ((out / "init" / f"student_seed{s}" / "model.safetensors").read_bytes() for s in (0, 1))
+    assert w0 != w1
+
+    # The vanilla-KD temperature is the best mean of the sweep runs' own validation files (ties: the lower T).
+    val = {t: [json.loads((out / f"vanilla_kd_T{t:g}" / "seed0" / "eval" / "val_scores.json").read_text())
+               ["all"]["accuracy"]] for t in (1.0, 2.0, 4.0)}
+    assert res["kd_temperature"] == max(val, key=lambda t: (val[t][0], -t))
+    assert (out / f"vanilla_kd_T{res['kd_temperature']:g}" / "seed1" / "final").is_dir()
+
+    # A table entry equals a fresh `aligntI eval` of that model in another process.
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, "-m", "aligntI.cli", "eval", "--model", str(out / "tpa" / "seed1" / "final"),
+                    "--data", "data/digitgrid/test.json", "--max-new-tokens", "8", "--out", str(again)],
+                   cwd=REPO, env=launch_env(), check=True, capture_output=True)
+    tpa = next(r for r in res["rows"] if r["key"] == "tpa")
+    assert tpa["per_seed"][1] == json.loads((again / "test_scores.json").read_text())["all"]["accuracy"]
+
+    md = (out / "results.md").read_text()
+    for m in METHODS:
+        assert m.label in md and (m.paper is None or f"{m.paper:.1f}" in md)
+    assert "Align-TI − vanilla KD" in md and "IRS per teacher layer" in md
+    for png in [out / "results.png", out / "attention_maps" / "overview.png"]:
+        with Image.open(png) as im:
+            assert im.size[0] > 400 and im.size[1] > 300
+    maps = json.loads((out / "attention_maps" / "attention_maps.json").read_text())
+    assert [s["id"] for s in maps["samples"]] == [f"test-{i:06d}" for i in fixed_samples(REPO / "data/digitgrid/test.json", 2)]
+    assert set(maps["models"]) == {"teacher", "student before", "after SFT", "after Align-TI"}
