@@ -70,8 +70,8 @@ class Preset:
 
 
 PRESETS = {
-    "default": Preset(seeds=5, student_steps=800, teacher_steps=3000, sweep_seeds=2, heatmap_samples=8),
-    "quick": Preset(seeds=2, student_steps=250, teacher_steps=1500, sweep_seeds=1, heatmap_samples=4),
+    "default": Preset(seeds=5, student_steps=800, teacher_steps=3000, sweep_seeds=1, heatmap_samples=8),
+    "quick": Preset(seeds=2, student_steps=200, teacher_steps=1000, sweep_seeds=1, heatmap_samples=4),
 }
 
 

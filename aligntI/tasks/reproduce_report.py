@@ -191,6 +191,11 @@ def _pm(value: tuple[float, float], digits: int = 1) -> str:
     return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
 
 
+def _seeds(sweep: dict) -> str:
+    n = len(next(iter(sweep.values())))
+    return "seed 0" if n == 1 else f"mean over seeds 0-{n - 1}"
+
+
 def _diff(d: dict) -> str:
     return f"{d['mean']:+.1f} ± {d['std']:.1f} (paired over {d['n']} seeds, p = {d['p_value']:.2f})"
 
@@ -231,8 +236,7 @@ def format_markdown(summary: dict, attention: dict, minutes: float) -> str:
         f"- Align-TI − vanilla KD: {_diff(a_kd)}. {verdict}.",
         f"- Align-TI − student SFT: {_diff(summary['align_ti_minus_sft'])}.",
         f"- +IVA − uniform visual KD: {_diff(summary['iva_minus_uniform'])}.",
-        "- Vanilla KD temperature, chosen on the validation split (mean over seeds "
-        f"0-{len(next(iter(summary['kd_sweep_val'].values()))) - 1}): "
+        f"- Vanilla KD temperature, chosen on the validation split ({_seeds(summary['kd_sweep_val'])}): "
         + ", ".join(f"T={k}: {statistics.mean(v):.1f}" for k, v in summary["kd_sweep_val"].items())
         + f" → T={summary['kd_temperature']:g}.",
         "",
