@@ -305,10 +305,10 @@ def reproduce(*, quick: bool = False, out: str | None = None, seeds: int | None 
                     teacher_steps=teacher_steps or base.teacher_steps, sweep_seeds=min(base.sweep_seeds, seeds),
                     heatmap_samples=base.heatmap_samples)
     os.chdir(REPO)
-    start = time.monotonic()
     repro = Reproduction(out=Path(out or ("runs/mini/reproduce_quick" if quick else "runs/mini/reproduce")),
                          preset=preset, ranks_per_job=ranks_per_job)
     repro.train_all()
+    start = time.monotonic()  # training time comes from the jobs' records (they may span several invocations)
     scores = repro.evaluate_all()
     text = write_report(repro, scores, minutes=(time.monotonic() - start) / 60)
     print(text, flush=True)

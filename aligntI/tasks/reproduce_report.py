@@ -181,7 +181,8 @@ def plot_results(summary: dict, path: Path) -> None:
     ax_cat.set_xticks(range(len(CATEGORIES)), CATEGORIES)
     ax_cat.set_ylabel("exact match (%)")
     ax_cat.set_title("per question type")
-    ax_cat.legend(fontsize=7, ncol=2)
+    ax_cat.set_ylim(0, 128)  # room above the bars for the legend
+    ax_cat.legend(fontsize=7, ncol=4, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
