@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from aligntI.config import ConfigError, from_dict, load_recipe
+from aligntI.config import ConfigError, IRSConfig, from_dict, load_recipe
 from aligntI.models.compat import IncompatibleModelsError
 
 
@@ -65,8 +65,8 @@ def cmd_irs(args) -> int:
     model = load_model(args.model, AttentionConfig(args.attn, "sdpa"), dtype).to(dist.device).eval()
     data = DataConfig(train=[DataSource(args.data, images=args.images)], chat_template=args.chat_template,
                       max_length=args.max_length, num_workers=1)
-    loader = build_sequential_loader(processor, data, batch_size=args.batch_size, max_samples=args.samples,
-                                     rank=dist.rank, world_size=dist.world_size)
+    loader = build_sequential_loader(processor, data, batch_size=args.batch_size, sample=args.samples,
+                                     seed=args.seed, rank=dist.rank, world_size=dist.world_size)
     report = compute_irs(model, model, loader, dist.device, dtype, args.pairing, dist.is_main, args.model)
     if dist.is_main:
         out = Path(args.out) if args.out else Path(args.model) / "irs"
@@ -342,8 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model directory (the teacher)")
     p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL calibration samples")
     p.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
-    p.add_argument("--samples", type=int, default=256, help="the first N samples of --data")
-    p.add_argument("--pairing", choices=["any", "same_image"], default="any")
+    p.add_argument("--samples", type=int, default=IRSConfig.samples,
+                   help="a random sample of N records of --data (all of them if fewer; the same count per rank)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    p.add_argument("--pairing", choices=["any", "same_image"], default=IRSConfig.pairing)
     p.add_argument("--chat-template", default=None, help="template name or .jinja (default: the processor's)")
     p.add_argument("--attn", default="sdpa", help="text attention backend")
     p.add_argument("--batch-size", type=int, default=16)

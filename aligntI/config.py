@@ -283,7 +283,8 @@ class TPAConfig:
 
 @dataclass
 class IRSConfig:
-    """Calibration for ``iva.layer: auto`` (SPEC §3)."""
+    """Calibration for ``iva.layer: auto``: IRS on a random sample (seeded by the recipe's ``seed``) of
+    ``samples`` records of the calibration source, the same count on every rank."""
 
     samples: int = 256
     pairing: Literal["any", "same_image"] = "any"

@@ -1,4 +1,4 @@
-"""IRS, the Instruction-Relevance Score of each teacher layer (SPEC §3), and the IVA layer it selects.
+"""IRS, the Instruction-Relevance Score of each teacher layer, and the IVA layer it selects.
 
 ``IRS(l) = 1 − mean over sample pairs of cos(α_l(x1), α_l(x2))`` where ``α_l(x)`` is the instruction→vision
 attention of layer ``l`` averaged over heads and instruction positions and renormalised over the vision
@@ -121,18 +121,16 @@ def compute_irs(forward, model, loader, device, dtype, pairing: str, is_main: bo
 
 
 def calibrate_iva_layer(teacher, processor, cfg, dist) -> dict:
-    """``iva.layer: auto`` at start-up: IRS of the teacher engine on ``irs.samples`` calibration samples."""
+    """``iva.layer: auto`` at start-up: IRS of the teacher engine on ``irs.samples`` calibration samples, drawn
+    at random (seeded by the recipe's seed) from the whole calibration source, the same count on every rank."""
     data = cfg.data
     if cfg.irs.data is not None:
         data = replace(data, train=[replace(data.train[0], path=cfg.irs.data, images=cfg.irs.images,
                                             weight=1.0, max_samples=None)])
     else:
         data = replace(data, train=data.train[:1])
-    per_rank = cfg.irs.samples // dist.world_size
-    if per_rank == 0:
-        raise ValueError(f"irs.samples {cfg.irs.samples} is smaller than the world size {dist.world_size}")
     loader = build_sequential_loader(processor, data, batch_size=cfg.train.micro_batch_size,
-                                     max_samples=per_rank * dist.world_size, rank=dist.rank,
+                                     sample=cfg.irs.samples, seed=cfg.seed, rank=dist.rank,
                                      world_size=dist.world_size)
     report = compute_irs(teacher, teacher.module, loader, dist.device, teacher.module.dtype, cfg.irs.pairing,
                          dist.is_main, cfg.teacher.path)

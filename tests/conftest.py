@@ -28,10 +28,9 @@ def _single_process_env(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     yield
-    import torch.distributed
+    from aligntI.engine import destroy
 
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    destroy()
 
 
 @pytest.fixture(scope="session")

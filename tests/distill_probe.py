@@ -53,7 +53,7 @@ def check_tpa(recipe, batch, plain_teacher, plain_student) -> dict:
     inputs = model_inputs(batch)
     rows = scored_rows(batch["labels"])
     targets = batch["labels"][:, 1:][rows[:, :-1]]
-    t_prefix, s_prefix = PrefixCache(), PrefixCache()
+    t_prefix, s_prefix = PrefixCache(recipe.teacher.module), PrefixCache(recipe.student.module)
     t_logits = recipe.teacher(**inputs, logits_to_keep=rows, use_cache=False, prefix_cache=t_prefix).logits
     s_logits = recipe.student(**inputs, logits_to_keep=rows, use_cache=False, prefix_cache=s_prefix).logits
     mb = {"tpa_rows": rows, "tpa_seed": 1234}

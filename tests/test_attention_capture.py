@@ -39,7 +39,10 @@ def batch_for(model_dir, data_path, padding_side):
 
 def eager_reference(model_dir, batch, layer):
     """The oracle: a separately loaded eager model with output_attentions on the whole model."""
-    model = load_model(model_dir, AttentionConfig("eager", "eager")).eval()
+    return eager_reference_of(load_model(model_dir, AttentionConfig("eager", "eager")).eval(), batch, layer)
+
+
+def eager_reference_of(model, batch, layer):
     with torch.no_grad():
         out = model(**model_inputs(batch), output_attentions=True, use_cache=False)
     full = out.attentions[layer]  # [B, H, L, L]
@@ -115,3 +118,31 @@ def test_capture_with_activation_checkpointing(tmp_path, digitgrid, tiny_model):
     torch.testing.assert_close(results[1][0], ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=0)
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=1e-5)
+
+
+def test_capture_applies_attention_softcapping_as_the_kernel_does(tmp_path, digitgrid, tiny_model):
+    """A Gemma-2-style decoder softcaps its attention logits: the capture equals its eager attention maps."""
+    from transformers import AutoConfig, Gemma2Config, LlavaForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    text = config.text_config
+    config.text_config = Gemma2Config(
+        vocab_size=text.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=0.1,
+        query_pre_attn_scalar=8, sliding_window=4096, pad_token_id=text.pad_token_id, tie_word_embeddings=False)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.model.language_model.layers[1].self_attn.q_proj.weight.data.mul_(30)  # logits well past the cap
+    model.save_pretrained(tmp_path / "gemma2")
+    batch = batch_for(tiny_model, write_mixed(tmp_path, digitgrid), "left")
+    eager = load_model(tmp_path / "gemma2", AttentionConfig("eager", "eager")).eval()
+    with torch.no_grad(), AttentionCapture(eager, [1], batch["instruction_mask"], batch["vision_mask"],
+                                           batch["attention_mask"]) as cap:
+        eager(**model_inputs(batch), use_cache=False)
+    ref, _ = eager_reference(tmp_path / "gemma2", batch, 1)
+    torch.testing.assert_close(cap[1], ref, atol=1e-5, rtol=0)
+    for layer in decoder_layers(eager):  # the same weights without the cap attend elsewhere
+        layer.self_attn.attn_logit_softcapping = None
+    uncapped, _ = eager_reference_of(eager, batch, 1)
+    assert (uncapped - ref).abs().max() > 1e-2

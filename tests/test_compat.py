@@ -69,7 +69,8 @@ def raises(*parts: str):
 
 def test_same_ingredients_pass_with_same_vocabulary():
     shared = check(side(), side())
-    assert shared == SharedVocab(size=13, teacher_rows=13, student_rows=13, note="same vocabulary size")
+    assert shared == SharedVocab(size=13, token_ids=13, teacher_rows=13, student_rows=13,
+                                 note="same vocabulary size")
 
 
 def test_padding_rows_are_sliced_to_the_smaller_model():

@@ -56,3 +56,37 @@ def test_irs_command(tmp_path, tiny_model, digitgrid):
            launcher="python")
     single = json.loads((tmp_path / "one" / "irs.json").read_text())
     assert single["irs"] == pytest.approx(report["irs"], abs=1e-6)
+
+
+def test_calibration_sample_is_seeded_spans_the_source_and_is_equal_per_rank():
+    from aligntI.data.loader import sample_share
+
+    shares = [sample_share(1000, 100, seed=3, rank=r, world_size=4) for r in range(4)]
+    chosen = [i for share in shares for i in share]
+    assert [len(s) for s in shares] == [25] * 4 and len(set(chosen)) == 100
+    assert max(chosen) > 500  # drawn over the whole file, not its first records
+    assert shares == [sample_share(1000, 100, seed=3, rank=r, world_size=4) for r in range(4)]
+    assert set(chosen) != {i for r in range(4) for i in sample_share(1000, 100, seed=4, rank=r, world_size=4)}
+    # Fewer records than asked, not divisible by the world size: every rank still gets the same count.
+    small = [sample_share(10, 256, seed=0, rank=r, world_size=4) for r in range(4)]
+    assert [len(s) for s in small] == [2] * 4 and len({i for s in small for i in s}) == 8
+    with pytest.raises(ValueError, match="3 records"):
+        sample_share(3, 256, seed=0, rank=0, world_size=4)
+
+
+def test_calibration_loader_gives_every_rank_the_same_number_of_batches(tmp_path, tiny_model, digitgrid):
+    from aligntI.config import DataConfig, DataSource
+    from aligntI.data.loader import build_sequential_loader
+    from aligntI.models.loading import load_processor
+
+    records = json.loads((digitgrid / "train.json").read_text())[:10]
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps(records))
+    processor = load_processor(tiny_model)
+    data = DataConfig(train=[DataSource(str(path), images=str(digitgrid))], chat_template="llava_v1_compact",
+                      num_workers=0)
+    per_rank = [[sid for batch in build_sequential_loader(processor, data, batch_size=2, sample=256, seed=0,
+                                                          rank=r, world_size=4) for sid in batch["sample_ids"]]
+                for r in range(4)]
+    assert [len(ids) for ids in per_rank] == [2] * 4
+    assert len({sid for ids in per_rank for sid in ids}) == 8

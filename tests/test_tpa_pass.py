@@ -37,7 +37,7 @@ def rows_and_candidates(batch, d, vocab, seed=0):
 
 
 def candidate_pass(model, batch, rows, candidates):
-    prefix = PrefixCache()
+    prefix = PrefixCache(model)
     ground_truth = model(**model_inputs(batch), use_cache=False, prefix_cache=prefix).logits
     layout = CandidateBatch(rows, candidates, batch["attention_mask"], batch["position_ids"])
     return ground_truth, layout.in_candidate_order(model(**layout.model_inputs(prefix)).logits)
@@ -89,7 +89,7 @@ def test_candidate_pass_without_prefix_is_an_error(tmp_path, digitgrid, tiny_mod
     rows, candidates = rows_and_candidates(batch, 2, model.config.text_config.vocab_size)
     layout = CandidateBatch(rows, candidates, batch["attention_mask"], batch["position_ids"])
     with pytest.raises(RuntimeError, match="layer 0 has no recorded prefix"), torch.no_grad():
-        model(**layout.model_inputs(PrefixCache()))
+        model(**layout.model_inputs(PrefixCache(model)))
 
 
 def test_candidate_layout():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch.utils.data
 
 from aligntI.config import DataConfig
@@ -57,14 +58,28 @@ def build_train_loader(processor, data: DataConfig, *, seed: int, rank: int, wor
     return loader, sampler
 
 
-def build_sequential_loader(processor, data: DataConfig, *, batch_size: int, max_samples: int | None = None,
-                            rank: int = 0, world_size: int = 1):
-    """Records in file order (first ``max_samples``), dealt round-robin to ranks: for analysis passes like IRS."""
+def sample_share(n_records: int, sample: int, seed: int, rank: int, world_size: int) -> list[int]:
+    """This rank's share of a seeded uniform sample of ``sample`` records out of ``n_records`` (all of them when
+    there are fewer), cut to a multiple of the world size so that every rank gets the same count: under ZeRO-3
+    each forward is collective, and a rank with one batch more would wait forever."""
+    take = min(sample, n_records) // world_size * world_size
+    if take == 0:
+        raise ValueError(f"cannot give each of {world_size} ranks a sample: {n_records} records, {sample} asked")
+    chosen = np.sort(np.random.default_rng(seed).choice(n_records, size=take, replace=False))
+    return chosen[rank::world_size].tolist()
+
+
+def build_sequential_loader(processor, data: DataConfig, *, batch_size: int, sample: int | None = None,
+                            seed: int = 0, rank: int = 0, world_size: int = 1):
+    """For analysis passes (IRS, bigram counts): every record dealt round-robin to ranks, or with ``sample``
+    this rank's equal share of a seeded random sample over the whole source (:func:`sample_share`)."""
     encoder = build_encoder(processor, data)
     records = build_records(data, seed=0)
-    total = len(records) if max_samples is None else min(max_samples, len(records))
     dataset = LlavaDataset(records, encoder, processor.image_processor, data.on_bad_sample)
-    indices = list(range(rank, total, world_size))
+    if sample is None:
+        indices = list(range(rank, len(records), world_size))
+    else:
+        indices = sample_share(len(records), sample, seed, rank, world_size)
     return torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
         num_workers=data.num_workers, collate_fn=build_collator(processor, encoder, data.padding_side),

@@ -345,5 +345,9 @@ def barrier() -> None:
 
 
 def destroy() -> None:
+    """End the process group through DeepSpeed, which also drops the groups it cached (a stale one would break
+    the next run started in the same process)."""
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()

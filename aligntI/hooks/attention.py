@@ -1,12 +1,13 @@
 """Instruction→vision attention probabilities of chosen decoder layers, captured through transformers'
-attention interface (ENGINEERING §1, design B).
+attention interface.
 
 :func:`install` overrides the built-in backends (``sdpa``, ``eager``, ``flash_attention_2/3``) once, process-wide,
 with a wrapper that always calls the original function unchanged (TPA's candidate pass aside: its keywords are
 handled by hooks/transitions.py). Only attention modules registered by an
 active :class:`AttentionCapture` do extra work: they recompute the instruction-query rows of Q·Kᵀ over **all**
-keys, apply the causal and padding mask, take the softmax over the whole row and keep only the vision columns
-(SPEC §3). Every other layer and model runs its fast kernel untouched; nothing sets ``output_attentions``.
+keys, softcap them when the model does (as its kernel does: after scaling, before the mask), apply the causal,
+padding and sliding-window mask, take the softmax over the whole row and keep only the vision columns. Every
+other layer and model runs its fast kernel untouched; nothing sets ``output_attentions``.
 
 Stored per captured layer: ``[B, H, I, V]`` fp32 (I, V = the batch's longest instruction / vision span). The
 transient score block is ``[B, H, I, L]`` fp32 for that one layer only (plus an fp32 view of its K, not
@@ -22,6 +23,7 @@ from functools import partial
 import torch
 from transformers import AttentionInterface
 
+from aligntI.hooks.modules import decoder_layers
 from aligntI.hooks.transitions import candidate_kernel
 
 WRAPPED_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -46,22 +48,22 @@ def _model_eager(module):
 
 
 def _attention(backend, module, query, key, value, attention_mask, prefix_cache=None, candidates=None, **kwargs):
-    # prefix_cache / candidates: TPA's ground-truth and candidate passes (hooks/transitions.py).
+    # prefix_cache / candidates: TPA's ground-truth and candidate passes (hooks/transitions.py). transformers hands
+    # them to every attention module of the model, the vision tower's included: only the text decoder of the
+    # model that owns the record uses them.
     original = _originals[backend] or _model_eager(module)
-    if candidates is not None:  # reads the prefix its model's ground-truth pass recorded; never captured
-        return candidates.attend(candidate_kernel(backend, original), prefix_cache, module, query, key, value,
-                                 **kwargs)
+    if candidates is not None and prefix_cache is None:
+        raise RuntimeError("TPA candidate pass: candidates= needs the prefix_cache= of the ground-truth forward")
+    layer = prefix_cache.layer_of(module) if prefix_cache is not None else None
+    if candidates is not None and layer is not None:  # reads the prefix its ground-truth pass recorded
+        kernel = candidate_kernel(backend, original, partial(_model_eager, module), kwargs.get("softcap"))
+        return candidates.attend(kernel, prefix_cache, layer, module, query, key, value, **kwargs)
     capture = _active.get(id(module))
     if capture is not None:
-        capture._record(module, query, key, kwargs.get("scaling"), kwargs.get("sliding_window"))
-    if prefix_cache is not None:
-        prefix_cache.record(module.layer_idx, key, value)
+        capture._record(module, query, key, kwargs)
+    if layer is not None:
+        prefix_cache.record(layer, key, value)
     return original(module, query, key, value, attention_mask, **kwargs)
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The text decoder layers of a LLaVA model (or of the DeepSpeed engine's module)."""
-    return model.model.language_model.layers
 
 
 def padded_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +94,7 @@ class AttentionCapture:
             raise ValueError(f"attention capture: text attention backend {backend!r} is not one of "
                              f"{list(WRAPPED_BACKENDS)}")
         self.modules = {i: all_layers[i].self_attn for i in layers}
+        self._layer_of = {id(module): i for i, module in self.modules.items()}
         self.inst_idx, self.inst_valid = padded_positions(instruction_mask.bool())
         self.vis_idx, self.vis_valid = padded_positions(vision_mask.bool())
         self.key_valid = attention_mask.bool()
@@ -115,7 +118,11 @@ class AttentionCapture:
                                "the capture block, with a wrapped backend and no KV cache?")
         return self.probs[layer]
 
-    def _record(self, module, query, key, scaling, sliding_window) -> None:
+    def _record(self, module, query, key, kwargs: dict) -> None:
+        if kwargs.get("s_aux") is not None:  # attention sinks take softmax mass the row cannot show
+            raise RuntimeError(f"attention capture: {type(module).__name__} uses attention sinks, which the "
+                               "capture does not model")
+        scaling, sliding_window, softcap = kwargs.get("scaling"), kwargs.get("sliding_window"), kwargs.get("softcap")
         batch, heads, length, dim = query.shape
         if key.shape[2] != length:
             raise RuntimeError("attention capture needs a full forward (query and key lengths differ: KV cache?)")
@@ -130,6 +137,8 @@ class AttentionCapture:
         q = q.reshape(batch, kv_heads, heads // kv_heads * n_inst, dim)
         scores = (q @ key.float().transpose(-1, -2)).view(batch, heads, n_inst, length)
         scores = scores * (scaling if scaling is not None else 1 / math.sqrt(dim))
+        if softcap is not None:  # Gemma-2 style: softcap·tanh(s / softcap), before the mask
+            scores = torch.tanh(scores / softcap) * softcap
         keys = torch.arange(length, device=device)
         allowed = (keys[None, None, :] <= inst_idx[:, :, None]) & self.key_valid.to(device)[:, None, :]
         if sliding_window is not None:
@@ -139,4 +148,4 @@ class AttentionCapture:
         probs = probs.gather(-1, vis_idx[:, None, None, :].expand(batch, heads, n_inst, n_vis))
         valid = inst_valid[:, None, :, None] & vis_valid[:, None, None, :]
         # An activation-checkpoint recompute must redo the same ops (torch checks it) but keeps the forward's result.
-        self.probs.setdefault(module.layer_idx, probs * valid)
+        self.probs.setdefault(self._layer_of[id(module)], probs * valid)

@@ -1,4 +1,4 @@
-"""TPA's candidate pass (SPEC §5): candidate tokens scored against the ground-truth pass's own keys and values.
+"""TPA's candidate pass: candidate tokens scored against the ground-truth pass's own keys and values.
 
 The paper runs one expanded sequence per model with a dense "ribbon" mask, after an extra student pass to
 sample the candidates. Here the ground-truth pass (the one that already gives the SFT/KD logits) records every
@@ -9,8 +9,11 @@ row, at a cost of ``d·|R|`` extra tokens, and the ground-truth logits are the p
 
 Both objects travel as keyword arguments of the model forward (transformers hands unknown keywords down to
 the attention function), so an activation-checkpoint recompute sees the same ones and nothing is stored on the
-model. Records are references to tensors autograd keeps anyway (no copy); gradients flow into the prefix
-through them. Flash-attention cannot take the candidate mask, so the candidate pass of a flash model runs SDPA.
+model. transformers also hands them to the vision tower's attention; a record knows its model's text decoder
+modules and every other module ignores it. Records are references to tensors autograd keeps anyway (no copy);
+gradients flow into the prefix through them. Flash-attention cannot take the candidate mask, so the candidate
+pass of a flash model runs SDPA (or the model's eager kernel when it softcaps attention logits, which SDPA
+cannot).
 """
 
 from __future__ import annotations
@@ -18,12 +21,24 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from aligntI.hooks.modules import text_attention_layers
+
 
 class PrefixCache:
-    """Keys and values ``[B, H_kv, L, D]`` of each decoder layer, recorded during one forward."""
+    """Keys and values ``[B, H_kv, L, D]`` of each text decoder layer of ``model``, recorded during one forward.
 
-    def __init__(self):
+    Only ``model``'s own text decoder records (and, in the candidate pass, reads): every other attention module
+    the keyword reaches, e.g. a CLIP or SigLIP vision tower's, runs as if it were not there.
+    """
+
+    def __init__(self, model):
+        self._layer_of = text_attention_layers(model)
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def layer_of(self, module) -> int | None:
+        """The decoder layer index of ``module``, or None if it is not an attention module of this model's text
+        decoder."""
+        return self._layer_of.get(id(module))
 
     def record(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         # An activation-checkpoint recompute replays the layer: keep the tensors of the forward itself.
@@ -81,7 +96,7 @@ class CandidateBatch:
     def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """Additive ``[B·d, 1, R, L + R]`` mask: real keys before the candidate's index, then itself only.
 
-        Float, not bool: eager kernels add the mask, so a bool one would be silently wrong (ENGINEERING §8).
+        Float, not bool: eager kernels add the mask, so a bool one would be silently wrong.
         """
         if (sliding_window, dtype) not in self._masks:
             self._masks[sliding_window, dtype] = self._build_mask(sliding_window, dtype)
@@ -99,12 +114,13 @@ class CandidateBatch:
         return torch.zeros(allowed.shape, dtype=dtype, device=seen.device).masked_fill(~allowed,
                                                                                        torch.finfo(dtype).min)
 
-    def attend(self, kernel, prefix: PrefixCache, module, query, key, value, **kwargs):
-        """The candidate rows' attention over [recorded prefix ; own key]; ``kernel`` is sdpa or eager."""
-        if prefix is None or module.layer_idx not in prefix.layers:
-            raise RuntimeError(f"TPA candidate pass: layer {module.layer_idx} has no recorded prefix; run the "
+    def attend(self, kernel, prefix: PrefixCache, layer: int, module, query, key, value, **kwargs):
+        """The candidate rows' attention over [recorded prefix ; own key] at decoder ``layer``; ``kernel`` is
+        sdpa or eager."""
+        if layer not in prefix.layers:
+            raise RuntimeError(f"TPA candidate pass: layer {layer} has no recorded prefix; run the "
                                "ground-truth forward with prefix_cache= first")
-        past_key, past_value = prefix.layers[module.layer_idx]
+        past_key, past_value = prefix.layers[layer]
         if past_key.shape[2] != self.key_valid.shape[1]:
             raise RuntimeError(f"TPA candidate pass: recorded prefix has {past_key.shape[2]} keys, the attention "
                                f"mask {self.key_valid.shape[1]}")
@@ -114,6 +130,9 @@ class CandidateBatch:
         return kernel(module, query, key, value, mask, **kwargs)
 
 
-def candidate_kernel(backend: str, original):
-    """The kernel that can take the candidate mask: the backend's own for sdpa/eager, else SDPA."""
-    return original if backend in ("sdpa", "eager") else sdpa_attention_forward
+def candidate_kernel(backend: str, original, model_eager, softcap: float | None):
+    """The kernel that can take the candidate mask: the backend's own for sdpa/eager; for flash-attention SDPA,
+    or the model's eager function when the model softcaps its attention logits (SDPA cannot)."""
+    if backend in ("sdpa", "eager"):
+        return original
+    return sdpa_attention_forward if softcap is None else model_eager()

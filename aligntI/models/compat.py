@@ -40,6 +40,7 @@ class IncompatibleModelsError(ValueError):
 @dataclass(frozen=True)
 class SharedVocab:
     size: int  # logits of both models are sliced to [..., :size]
+    token_ids: int  # ids 0..token_ids-1 are tokens of both tokenizers; the rows past them are padding
     teacher_rows: int  # model config vocab_size (embedding rows) of each
     student_rows: int
     note: str  # one line for the log: what was sliced and why, or "same vocabulary size"
@@ -256,4 +257,4 @@ def check_vocab_rows(teacher_processor, student_processor, teacher_config, stude
     if n_t != n_s:
         longer = "teacher" if n_t > n_s else "student"
         note += f"; ids {min(n_t, n_s)}..{n_ids - 1} exist only in the {longer} tokenizer"
-    return SharedVocab(size=size, teacher_rows=rows_t, student_rows=rows_s, note=note)
+    return SharedVocab(size=size, token_ids=min(n_t, n_s), teacher_rows=rows_t, student_rows=rows_s, note=note)

@@ -49,6 +49,14 @@ def scored_rows(labels: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def tpa_seeds(seed: int, step: int, micro_index: int, rank: int) -> tuple[int, int]:
+    """Seeds of TPA's two random streams, (scored positions, candidates), fixed by (recipe seed, step,
+    micro-batch, rank): a resumed run draws the same. Two independent seeds, not one: on the CPU both
+    generators would otherwise replay the same numbers."""
+    positions, candidates = np.random.SeedSequence([seed, step, micro_index, rank]).spawn(2)
+    return tuple(int(s.generate_state(1, np.uint64)[0] >> 1) for s in (positions, candidates))
+
+
 def count_response_bigrams(processor, cfg: RecipeConfig, dist) -> BigramTable:
     """(token, next response token) counts over the recipe's training data, sharded over ranks and merged."""
     loader = build_sequential_loader(processor, cfg.data, batch_size=64, rank=dist.rank,
@@ -77,7 +85,7 @@ class DistillRecipe(SFTRecipe):
 
     def setup(self) -> None:
         cfg = self.cfg
-        capture.install()  # before any model is loaded (ENGINEERING §1)
+        capture.install()  # before any model is loaded: the backends are looked up at load time
         # Start-up checks read configs and processors only: a mismatched pair fails before any weight loads.
         self.shared = check_compatible(
             load_processor(cfg.teacher.path), load_processor(cfg.model.path),
@@ -121,9 +129,9 @@ class DistillRecipe(SFTRecipe):
                 self.bigrams = count_response_bigrams(self.processor, cfg, self.dist)
                 self.log(f"TPA gt_bigram source: {self.bigrams.total} response-token pairs, {len(self.bigrams)} "
                          "distinct, from the training data")
-            if tpa.candidates + 2 > self.shared.size:  # the ground truth and the image token are never drawn
+            if tpa.candidates + 2 > self.shared.token_ids:  # the ground truth and the image token are never drawn
                 raise ConfigError(f"tpa.candidates: {tpa.candidates} is too many for a shared vocabulary of "
-                                  f"{self.shared.size} tokens")
+                                  f"{self.shared.token_ids} tokens")
             self.log(f"TPA: {tpa.candidates} candidates per response position from the {tpa.source}, "
                      f"exclude_gt {tpa.exclude_gt}, {tpa.weighting} weights, max_positions {tpa.max_positions}")
 
@@ -154,8 +162,8 @@ class DistillRecipe(SFTRecipe):
         tpa = 0.0
         if self.tpa_on:  # positions drawn here (CPU, seeded by step) so their global count is the normaliser
             for i, mb in enumerate(micro):
-                mb["tpa_seed"] = self._seed(step, i)
-                generator = torch.Generator().manual_seed(mb["tpa_seed"])
+                positions_seed, mb["tpa_seed"] = tpa_seeds(self.cfg.seed, step, i, self.dist.rank)
+                generator = torch.Generator().manual_seed(positions_seed)
                 mb["tpa_rows"] = select_rows(scored_rows(mb["labels"]), self.cfg.tpa.max_positions, generator)
                 tpa += float(mb["tpa_rows"].sum())
         resp, iva, tpa = ds.all_reduce_sum([resp, iva, tpa], self.dist.device)
@@ -167,11 +175,6 @@ class DistillRecipe(SFTRecipe):
                                f"batch has {need}; IVA has nothing to align (set loss.iva: 0 for such data)")
         return {"response_tokens": resp, **({"iva_samples": iva} if self.iva_on else {}),
                 **({"tpa_positions": tpa} if self.tpa_on else {})}
-
-    def _seed(self, step: int, micro_index: int) -> int:
-        """A seed fixed by (recipe seed, step, micro-batch, rank): a resumed run draws the same candidates."""
-        entropy = [self.cfg.seed, step, micro_index, self.dist.rank]
-        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
     def _iva_rows(self, mb: dict) -> torch.Tensor:
         """Samples the IVA term scores: with an image, and instruction tokens when teacher attention is used."""
@@ -201,7 +204,8 @@ class DistillRecipe(SFTRecipe):
             keep |= masks["vision_mask"] & iva_rows[:, None]
 
         # TPA: the ground-truth passes record their keys/values for the candidate passes.
-        t_prefix, s_prefix = (PrefixCache(), PrefixCache()) if self.tpa_on else (None, None)
+        t_prefix = PrefixCache(self.teacher.module) if self.tpa_on else None
+        s_prefix = PrefixCache(self.student.module) if self.tpa_on else None
         teacher_capture = self._capture(self.teacher.module, self.iva_layer, masks) \
             if self.needs_teacher_attention else contextlib.nullcontext()
         with teacher_capture as t_cap:
@@ -246,7 +250,7 @@ class DistillRecipe(SFTRecipe):
                                         masks["attention_mask"])
 
     def _iva_sum(self, t_logits, s_logits, keep, masks, iva_rows, t_cap, s_cap) -> torch.Tensor:
-        """Σ over this micro-batch's IVA samples of the per-sample IVA loss (SPEC §4)."""
+        """Σ over this micro-batch's IVA samples of the per-sample IVA loss."""
         cfg = self.cfg.iva
         vis_idx, vis_valid = capture.padded_positions(masks["vision_mask"])
         vis_valid = vis_valid & iva_rows[:, None]
@@ -282,15 +286,17 @@ class DistillRecipe(SFTRecipe):
         else:
             scores = self.bigrams.scores(inputs["input_ids"][rows], device=dev)[:, : self.shared.size]
         generator = torch.Generator(device=dev).manual_seed(mb["tpa_seed"])
-        # The image placeholder is input-only: never a label (so p_S there is untrained) and, inside a sequence,
-        # a slot for image features rather than a token.
+        # Only ids of both tokenizers: the embedding rows past them are padding, never text. The image
+        # placeholder is input-only: never a label (so p_S there is untrained) and, inside a sequence, a slot
+        # for image features rather than a token.
+        scores = scores[:, : self.shared.token_ids]
         candidates = draw_candidates(scores, targets[at], tpa.candidates, exclude_gt=tpa.exclude_gt,
                                      generator=generator, chunk_size=self.cfg.kd.chunk_size,
                                      never=(self.processor.image_token_id,))
         return candidates, candidate_weights(s_rows, candidates, tpa.weighting)
 
     def _tpa_sum(self, mb, inputs, keep, targets, t_logits, s_logits, t_prefix, s_prefix) -> torch.Tensor:
-        """Σ over this micro-batch's TPA positions of Σ_v w_v·KL(p_T(·|c_t, v) ‖ p_S(·|c_t, v)) (SPEC §5)."""
+        """Σ over this micro-batch's TPA positions of Σ_v w_v·KL(p_T(·|c_t, v) ‖ p_S(·|c_t, v))."""
         candidates, weights = self.candidates(mb, inputs, keep, targets, t_logits, s_logits)
         layout = CandidateBatch(mb["tpa_rows"], candidates, inputs["attention_mask"], inputs["position_ids"])
         size = self.shared.size

@@ -1,0 +1,20 @@
+"""Where the text decoder's attention modules are in a LLaVA model (bare, or the DeepSpeed engine's module)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The text decoder layers of a LLaVA model."""
+    return model.model.language_model.layers
+
+
+def text_attention_layers(model) -> dict[int, int]:
+    """``id(attention module) -> decoder layer index`` for the text decoder of ``model``.
+
+    The attention wrapper serves every model of the process, vision towers included, and transformers hands
+    the forward's extra keywords to those too; this map is how a keyword meant for one model's text decoder
+    finds exactly its modules.
+    """
+    return {id(layer.self_attn): i for i, layer in enumerate(decoder_layers(model))}
