@@ -46,7 +46,7 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_atten
 def qwen_tokenizer() -> Qwen2Tokenizer:
     """``aligntI.models.builder.bytelevel_tokenizer`` without ``<image>``, as a text-only Qwen tokenizer is."""
     vocab = {"<|endoftext|>": 0}
-    for ch in ByteLevel.alphabet():
+    for ch in sorted(ByteLevel.alphabet()):  # alphabet() comes in a different order each call
         vocab.setdefault(ch, len(vocab))
     tok = Qwen2Tokenizer(vocab=vocab, merges=[])
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

@@ -152,3 +152,7 @@ def test_assistant_turn_must_close_with_special_token(word_tokenizer, tmp_path):
 def test_malformed_conversations(conv, fragment):
     with pytest.raises(FormatError, match=fragment):
         to_messages(conv)
+
+
+def test_bytelevel_tokenizer_is_the_same_every_time():
+    assert bytelevel_tokenizer().get_vocab() == bytelevel_tokenizer().get_vocab()

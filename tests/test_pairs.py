@@ -11,9 +11,11 @@ import json
 import pytest
 import torch
 from conftest import launch, write_recipe
+from test_assemble import IMAGE, VISION, qwen_tokenizer
 from test_attention_capture import batch_for, write_mixed
 from test_tpa_pass import candidate_pass, rows_and_candidates, separate_candidate_logits
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from aligntI.cli import main
 from aligntI.config import AttentionConfig
@@ -125,3 +127,36 @@ def test_clip_llama_align_ti_zero3_two_ranks(pair_models, digitgrid, tmp_path, z
     for m in metrics:
         assert all(torch.isfinite(torch.tensor(m[t])) and m[t] > 0 for t in ("sft", "kd", "iva", "tpa")), m
         assert m["tpa_positions"] > 0
+
+
+def write_llama(path, hidden_size: int, num_layers: int, seed: int):
+    """A tiny pretrained-style Llama causal LM with a byte-level tokenizer (no ``<image>``: assemble adds it)."""
+    tokenizer = qwen_tokenizer()
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer) + 3, hidden_size=hidden_size,
+                                 num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=2 * hidden_size, eos_token_id=tokenizer.eos_token_id,
+                                 tie_word_embeddings=False)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_assembled_clip_llama_pair_runs_align_ti(digitgrid, tmp_path, zero3_partitioned):
+    """``aligntI assemble``'s CLIP layout (penultimate layer, CLS dropped) with a Llama decoder, both models."""
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": IMAGE},
+                          crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(tmp_path / "clip")
+    models = {}
+    for role, (hidden, layers) in {"teacher": (32, 3), "student": (16, 2)}.items():
+        llm = write_llama(tmp_path / f"llama_{role}", hidden, layers, seed=len(models))
+        models[role] = tmp_path / role
+        assert main(["assemble", "--vision", str(tmp_path / "clip"), "--llm", str(llm), "--out", str(models[role]),
+                     "--dtype", "float32", "--chat-template", "llava_v1_compact"]) == 0
+    config = json.loads((models["teacher"] / "config.json").read_text())
+    assert (config["vision_feature_layer"], config["vision_feature_select_strategy"]) == (-2, "default")
+    recipe = pair_recipe(tmp_path, "assembled", models["teacher"], models["student"], digitgrid, zero3_partitioned,
+                         dict(iva={"layer": "auto"}, data={"max_length": 160}))
+    assert main(["train", "--config", str(recipe)]) == 0
+    for m in read_metrics(tmp_path / "assembled"):
+        assert all(torch.isfinite(torch.tensor(m[t])) and m[t] > 0 for t in ("sft", "kd", "iva", "tpa")), m

@@ -75,11 +75,11 @@ def wordlevel_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 
 def bytelevel_tokenizer() -> Qwen2Tokenizer:
-    """A Qwen2 byte-level tokenizer with no merges (lossless on any text; ENGINEERING §3)."""
+    """A Qwen2 byte-level tokenizer with no merges (lossless on any text), the same ids every time."""
     from tokenizers.pre_tokenizers import ByteLevel
 
     vocab = {"<|endoftext|>": 0}
-    for ch in ByteLevel.alphabet():
+    for ch in sorted(ByteLevel.alphabet()):  # alphabet() comes in a different order each call
         vocab.setdefault(ch, len(vocab))
     tok = Qwen2Tokenizer(vocab=vocab, merges=[])
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", IMAGE_PLACEHOLDER]})
