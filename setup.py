@@ -28,7 +28,8 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "logging": ["tensorboard>=2.14", "wandb>=0.19"],  # logging.tensorboard / logging.wandb
+        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "wandb>=0.19"],
     },
     entry_points={"console_scripts": ["aligntI=aligntI.cli:main"]},
 )

@@ -299,6 +299,19 @@ class IRSConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Copies of every ``metrics.jsonl`` record on rank 0 (aligntI/training/trackers.py); both off by default.
+
+    ``tensorboard``: event files in ``run_dir/tensorboard``. ``wandb``: a Weights & Biases run named after
+    ``run_dir``, its files in ``run_dir/wandb``; ``WANDB_MODE=offline`` needs no network (``wandb sync`` uploads).
+    """
+
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "aligntI"
+
+
+@dataclass
 class RecipeConfig:
     run_dir: str
     model: ModelConfig
@@ -309,6 +322,7 @@ class RecipeConfig:
     seed: int = 0
     resume: Literal["auto", "never"] = "auto"
     eval: EvalConfig | None = None
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Distillation: a teacher turns the recipe into KD; the loss sections below need one.
     teacher: TeacherConfig | None = None
     loss: LossWeights | None = None

@@ -2,8 +2,8 @@
 
 One task per node: each task runs ``python -m aligntI.slurm -- <program> [args]``, which reads the job's
 SLURM variables (nodes, this node's index, GPUs per node, job id) and replaces itself with ``torchrun``. The
-ranks rendezvous (c10d) at the first node of the allocation on a port derived from the job id, so every
-node computes the same endpoint without talking to the others.
+ranks rendezvous (c10d) at the first node of the allocation, which hosts the store, on a port derived from the
+job id, so every node computes the same endpoint without talking to the others.
 
     python -m aligntI.slurm [--dry-run] -- recipes/train.py --config <recipe> [key=value ...]
     python -m aligntI.slurm run-dir <recipe> [key=value ...]     # the run directory a recipe resolves to
@@ -136,6 +136,9 @@ def torchrun_command(layout: NodeLayout, program: list[str]) -> list[str]:
         "--rdzv_id", str(layout.job_id),
         "--rdzv_backend", "c10d",
         "--rdzv_endpoint", f"{layout.master_addr}:{layout.master_port}",
+        # Said, not guessed: torch guesses the store's host from the host name, so a node list that names the
+        # first node by another interface (an InfiniBand name, an address) leaves every node waiting as a client.
+        "--rdzv_conf", f"is_host={int(layout.node_rank == 0)}",
         "--max_restarts", "0",  # a failed rank fails the job step; SLURM's requeue is the retry
         *program,
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -162,18 +163,38 @@ def launch(args: list[str], launcher: str = "deepspeed", nproc: int = 2, timeout
     return proc
 
 
+def processes_with(entry: str) -> list[int]:
+    """Live processes whose environment holds ``entry`` (``NAME=value``): a launch and all it started."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"{entry}\0".encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except (OSError, ValueError):  # ended while we looked
+            continue
+    return found
+
+
 def kill_when(args: list[str], marker: Path, launcher: str = "torchrun", timeout: int = 300) -> None:
-    """Start a 2-rank job and SIGKILL its whole process group (no clean-up) as soon as ``marker`` exists."""
+    """Start a 2-rank job and SIGKILL it, launcher and ranks, (no clean-up) as soon as ``marker`` exists."""
     import signal
     import time
 
     if problem := distributed_problem():
         pytest.fail(problem)
-    job = subprocess.Popen(launcher_cmd(launcher) + args, cwd=REPO, env=launch_env(), start_new_session=True,
+    tag = f"ALIGNTI_KILL_WHEN={marker}"  # ranks may run in sessions of their own: find them by environment
+    env = {**launch_env(), "ALIGNTI_KILL_WHEN": str(marker)}
+    job = subprocess.Popen(launcher_cmd(launcher) + args, cwd=REPO, env=env, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while not marker.exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)
+    for pid in processes_with(tag):  # the launcher and every rank at once
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(job.pid, signal.SIGKILL)
     job.wait()
+    while processes_with(tag) and time.time() < deadline + 30:  # killed ranks must be gone before a resume
+        time.sleep(0.05)
     assert marker.exists() and job.returncode != 0, "the job had to be killed mid-run"

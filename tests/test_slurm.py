@@ -36,12 +36,14 @@ def test_every_node_computes_the_same_rendezvous():
     layouts = [layout_from_env({**FOUR_NODES, "SLURM_NODEID": str(i)}) for i in range(4)]
     assert {(x.master_addr, x.master_port, x.world_size) for x in layouts} == {("gpu01", 20000 + 123456 % 20000, 32)}
     assert [x.node_rank for x in layouts] == [0, 1, 2, 3]
-    cmd = torchrun_command(layouts[2], ["recipes/train.py", "--config", "r.yaml", "optim.lr=1e-5"])
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    flags = dict(zip(cmd[3:13:2], cmd[4:14:2]))
-    assert flags == {"--nnodes": "4", "--nproc_per_node": "8", "--rdzv_id": "123456", "--rdzv_backend": "c10d",
-                     "--rdzv_endpoint": "gpu01:23456"}
-    assert cmd[-4:] == ["recipes/train.py", "--config", "r.yaml", "optim.lr=1e-5"]
+    program = ["recipes/train.py", "--config", "r.yaml", "optim.lr=1e-5"]
+    cmds = [torchrun_command(layout, program) for layout in layouts]
+    for node, cmd in enumerate(cmds):
+        assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"] and cmd[-4:] == program
+        flags = dict(zip(cmd[3:-4:2], cmd[4:-4:2]))
+        assert flags == {"--nnodes": "4", "--nproc_per_node": "8", "--rdzv_id": "123456", "--rdzv_backend": "c10d",
+                         "--rdzv_endpoint": "gpu01:23456", "--rdzv_conf": f"is_host={int(node == 0)}",
+                         "--max_restarts": "0"}
 
 
 @pytest.mark.parametrize("env, gpus", [

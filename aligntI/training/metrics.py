@@ -1,14 +1,17 @@
-"""Per-step metrics on rank 0: ``metrics.jsonl`` (append-only, trimmed on resume) and a loss-curve PNG."""
+"""Per-step metrics on rank 0: ``metrics.jsonl`` (append-only, trimmed on resume), copied to the trackers the
+recipe turns on (TensorBoard, W&B: aligntI/training/trackers.py), and a loss-curve PNG."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, resume_step: int, trackers: Sequence = ()):
         self.path = Path(path)
+        self.trackers = trackers
         if resume_step and self.path.is_file():
             # Lines written after the checkpoint we resume from would be repeated: drop them.
             kept = [line for line in self.path.read_text().splitlines()
@@ -20,6 +23,13 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def close(self) -> None:
+        """Flush and close the trackers (the W&B run ends here)."""
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -29,6 +29,7 @@ from aligntI.models.loading import load_model, load_processor, param_groups, set
 from aligntI.training.accounting import micro_loss_scale
 from aligntI.training.metrics import MetricsLog, plot_loss_curve
 from aligntI.training.schedule import cosine_with_warmup, warmup_steps_for
+from aligntI.training.trackers import open_trackers
 
 
 def seed_everything(seed: int) -> None:
@@ -115,7 +116,9 @@ class SFTRecipe:
         self.truncated = 0
         if resume_tag is not None:
             self._resume(resume_tag)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step) if self.dist.is_main else None
+        self.metrics = (MetricsLog(self.run_dir / "metrics.jsonl", self.start_step,
+                                   open_trackers(cfg.logging, self.run_dir, self.start_step))
+                        if self.dist.is_main else None)
         self.log(f"world {self.dist.world_size} | micro {self.batching.micro_batch_size} x accum "
                  f"{self.batching.gradient_accumulation_steps} x ranks = global {self.batching.global_batch_size} | "
                  f"{self.total_steps} steps ({self.steps_per_epoch}/epoch) | trainable "
@@ -274,6 +277,8 @@ class SFTRecipe:
         recipe = cls(cfg, overrides)
         recipe.setup()
         scores = recipe.finish() if recipe.train() else None
+        if recipe.metrics is not None:
+            recipe.metrics.close()
         ds.destroy()
         return scores
 
