@@ -60,12 +60,20 @@ class DataSource:
 
 @dataclass
 class DataConfig:
+    """The training data and how its samples become batches.
+
+    ``allow_images_outside``: a record's image path must resolve (``..``, absolute paths and symlinks
+    followed) inside its source's image folder, so that a data file cannot make the trainer read any file;
+    ``true`` lifts that for every file the recipe reads samples from (training, ``eval.data``, ``irs.data``).
+    """
+
     train: list[DataSource]
     chat_template: str | None = None  # shipped template name or a .jinja path; None: the processor's own
     max_length: int = 2048
     padding_side: Literal["right", "left"] = "right"
     on_bad_sample: Literal["error", "skip"] = "error"
     num_workers: int = 2
+    allow_images_outside: bool = False
 
     def validate(self) -> None:
         if not self.train:
@@ -363,9 +371,11 @@ def check_ds_config(engine: EngineConfig) -> dict:
     if not path.is_file():
         raise ConfigError(f"engine.ds_config: file not found: {path}")
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(_read_utf8(path))
     except json.JSONDecodeError as err:
         raise ConfigError(f"engine.ds_config: {path} is not valid JSON: {err}") from err
+    if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization", {}), dict):
+        raise ConfigError(f"engine.ds_config: {path} must be a JSON object (with zero_optimization an object)")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage != engine.zero_stage:
         raise ConfigError(
@@ -401,7 +411,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, schema: ty
     raw = read_composed(path)
     try:
         for item in overrides or []:
-            apply_override(raw, item)
+            try:
+                apply_override(raw, item)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override {item!r}: the value is not valid YAML{_yaml_problem(err)}") from None
+            except (TypeError, AttributeError):  # the dotted path runs through a scalar
+                raise ConfigError(f"override {item!r}: the key goes through a value that is not a mapping") \
+                    from None
         raw = substitute_vars(raw)
         cfg = from_dict(schema, raw)
         cfg.validate()
@@ -421,11 +437,12 @@ def read_composed(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in chain:
         raise ConfigError(f"{path}: base cycle: {' -> '.join(map(str, (*chain, path.resolve())))}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(_read_utf8(path))
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(err)}") from err
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        got = "the file is empty" if raw is None else f"got {type(raw).__name__} {str(raw)[:40]!r}"
+        raise ConfigError(f"{path}: the top level must be a mapping of keys; {got}")
     bases = raw.pop("base", None) or []
     bases = [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
@@ -434,6 +451,25 @@ def read_composed(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     for base in bases:
         merged = _merge(merged, read_composed(path.parent / base, (*chain, path.resolve())))
     return _merge(merged, raw)
+
+
+def _read_utf8(path: Path) -> str:
+    """A config file's text; one that is not UTF-8 or cannot be read is a ConfigError naming it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 at byte {err.start}; save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read: {err.strerror or err}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line, to follow "not valid YAML": `` at line L, column C: what (context)``."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ": "
+    what = " ".join(str(getattr(err, "problem", None) or err).split())
+    context = getattr(err, "context", None)
+    return where + what + (f" ({context})" if context else "")
 
 
 def _merge(under: dict, over: dict) -> dict:

@@ -274,3 +274,44 @@ def test_composition_errors_name_the_file_and_key(tmp_path):
     assert "vars.a: refers to itself through a -> b -> a" in error_of(
         tmp_path, {**BASE, "run_dir": "${a}", "vars": {"a": "${b}", "b": "${a}"}})
     assert "vars.x: expected a string or a number" in error_of(tmp_path, {**BASE, "vars": {"x": [1]}})
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (b"# r\nmodel: {path: m\n", "not valid YAML at line 3, column 1"),  # an unclosed flow mapping
+    (b"# r\nmodel:\n  path: m\n path2: x\n", "not valid YAML at line 4"),  # bad indentation
+    (b"# r\n- a\n- b\n", "the top level must be a mapping of keys; got list"),
+    (b"# only a comment\n", "the top level must be a mapping of keys; the file is empty"),
+    (b"# r\nrun_dir: caf\xe9\n", "not valid UTF-8 at byte 16"),
+])
+def test_recipe_that_does_not_parse_is_one_line_naming_the_file(tmp_path, text, fragment):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and fragment in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (b'{"zero_optimization": {"stage": 3,}}', "is not valid JSON"),
+    (b'[{"zero_optimization": {"stage": 3}}]', "must be a JSON object"),
+    (b'{"zero_optimization": [3]}', "must be a JSON object (with zero_optimization an object)"),
+    (b'{"zero_optimization": {"stage": 3}, "x": "\xff"}', "not valid UTF-8"),
+])
+def test_ds_json_that_does_not_parse_names_the_file(tmp_path, text, fragment):
+    ds = tmp_path / "ds.json"
+    ds.write_bytes(text)
+    message = error_of(tmp_path, {**BASE, "engine": {"ds_config": str(ds), "zero_stage": 3}})
+    assert str(ds) in message and fragment in message, message
+
+
+def test_override_that_does_not_parse_names_the_override(tmp_path):
+    assert "override 'train.max_steps=[1,': the value is not valid YAML" in error_of(
+        tmp_path, BASE, ["train.max_steps=[1,"])
+    assert "override 'seed.x=1': the key goes through a value that is not a mapping" in error_of(
+        tmp_path, {**BASE, "seed": 3}, ["seed.x=1"])
+
+
+def test_images_outside_their_folder_are_refused_by_default(tmp_path):
+    assert load_recipe(write(tmp_path, BASE)).data.allow_images_outside is False
+    assert load_recipe(write(tmp_path, BASE), ["data.allow_images_outside=true"]).data.allow_images_outside

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from aligntI.config import DataConfig, DataSource
-from aligntI.data.dataset import BadSampleError, LlavaDataset
+from aligntI.data.dataset import LlavaDataset
 from aligntI.data.loader import build_collator, build_encoder, build_train_loader
-from aligntI.data.records import MixedRecords, RecordSource, ShardedResumableSampler
+from aligntI.data.records import DataError, MixedRecords, RecordSource, ShardedResumableSampler
 from aligntI.models.builder import VisionSpec, build_processor
 
 GOOD = {"id": "good", "image": "ok.png",
@@ -65,10 +65,10 @@ def test_bad_sample_error_names_file_id_and_problem(setup, case):
     record, fragment = BAD_CASES[case]
     ds, path = dataset_for(tmp_path, processor, [GOOD, record])
     assert ds[0]["id"] == "good"
-    with pytest.raises(BadSampleError) as info:
+    with pytest.raises(DataError) as info:
         ds[1]
     msg = str(info.value)
-    assert str(path) in msg and repr(record["id"]) in msg and fragment in msg, msg
+    assert str(path) in msg and f"record 1, sample {record['id']!r}" in msg and fragment in msg, msg
 
 
 def test_invalid_json_line_in_jsonl(setup):
@@ -78,7 +78,7 @@ def test_invalid_json_line_in_jsonl(setup):
     mixed = MixedRecords([RecordSource(path)], [1.0], seed=0)
     ds = LlavaDataset(mixed, build_encoder(processor, DataConfig(train=[DataSource(str(path))])),
                       processor.image_processor)
-    with pytest.raises(BadSampleError, match=r"broken.jsonl: sample '\?' \(record 1\): .*not valid JSON"):
+    with pytest.raises(DataError, match=r"broken.jsonl: record 1 \(line 2\): not valid JSON"):
         ds[1]
 
 
@@ -89,7 +89,7 @@ def test_skip_mode_replaces_and_counts_every_bad_case(setup):
     item = ds[0]  # every bad record is replaced by the next one of the file, down to the good one
     assert item["id"] == "good"
     assert [s.kind for s in item["skips"]] == ["bad"] * len(bad)
-    assert all("data.json: sample" in s.message for s in item["skips"])
+    assert all("data.json: record" in s.message for s in item["skips"])
 
 
 def test_too_long_samples_are_skipped_and_counted(setup):
@@ -163,5 +163,5 @@ def test_loader_runs_in_workers(setup, tmp_path):
 
 
 def test_missing_data_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothere.json"):
+    with pytest.raises(DataError, match="nothere.json: file not found"):
         RecordSource(Path(tmp_path / "nothere.json"))

@@ -1,32 +1,29 @@
 """LLaVA-format samples → padded batches with explicit vision / instruction / response masks.
 
 Work happens lazily in DataLoader workers: a record is decoded, its image opened and its text
-tokenised only when the sampler asks for it. Bad samples raise :class:`BadSampleError` naming the
-file, the sample id and the problem; with ``on_bad_sample: skip`` the next record of the same file is
-used instead and the skip travels with the batch so the trainer can count and report it. Samples that
-cannot fit ``max_length`` are always skipped and counted.
+tokenised only when the sampler asks for it. A bad sample raises :class:`DataError` naming the file,
+the record, the sample id and the problem; with ``on_bad_sample: skip`` the next record of the same file
+is used instead and the skip travels with the batch so the trainer can count and report it. Samples that
+cannot fit ``max_length`` are always skipped and counted. :func:`check_sample` runs every check short of
+decoding pixels and tokenising, for the loader's look at all records before the first step.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from aligntI.data.formatting import ConversationEncoder, FormatError, TooLongError, to_messages
-from aligntI.data.records import MixedRecords, RecordSource
+from aligntI.data.records import DataError, MixedRecords, RecordSource, json_type
 
 MAX_CONSECUTIVE_SKIPS = 100
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
-
-
-class BadSampleError(ValueError):
-    def __init__(self, file: str, sample_id: str, index: int, problem: str):
-        self.file, self.sample_id, self.index, self.problem = file, sample_id, index, problem
-        super().__init__(f"{file}: sample {sample_id!r} (record {index}): {problem}")
 
 
 @dataclass
@@ -35,50 +32,106 @@ class Skip:
     message: str
 
 
-def load_sample(source: RecordSource, index: int, encoder: ConversationEncoder, image_processor) -> dict:
-    """One record → arrays and pixel values; raises BadSampleError (or TooLongError inside it)."""
-    try:
-        record = source.get(index)
-    except ValueError as err:
-        raise BadSampleError(str(source.path), "?", index, str(err)) from None
-    sample_id = str(record.get("id", f"#{index}"))
+@dataclass
+class Sample:
+    """A record checked up to its image's pixels and its tokens."""
 
-    def bad(problem: str) -> BadSampleError:
-        return BadSampleError(str(source.path), sample_id, index, problem)
+    record: dict
+    id: str | None  # the record's ``id`` field, when it has one
+    messages: list[dict]
+    image: str | None  # the ``image`` field as the record writes it
+    image_path: Path | None
 
-    if "conversations" not in record:
-        raise bad("no 'conversations' field")
+
+def read_sample(source: RecordSource, index: int) -> Sample:
+    """Record ``index``: decoded, its conversation and its image reference checked; raises :class:`DataError`."""
+    record = source.get(index)
+    sample_id = None if record.get("id") is None else str(record["id"])
     try:
+        if "conversations" not in record:
+            raise FormatError("no 'conversations' field")
         messages, n_placeholders = to_messages(record["conversations"])
+        image = record.get("image")
+        if image is not None and not isinstance(image, str):
+            raise FormatError(f"'image' must be a single relative path string, got a JSON {json_type(image)}")
+        if image is not None and n_placeholders != 1:
+            raise FormatError(f"has an image but {n_placeholders} <image> placeholders in its conversation "
+                              "(need exactly 1)")
+        if image is None and n_placeholders:
+            raise FormatError(f"has {n_placeholders} <image> placeholder(s) but no 'image' field")
+        path = None if image is None else image_file(source, image)
     except FormatError as err:
-        raise bad(str(err)) from None
-    image_name = record.get("image")
-    if image_name is not None and not isinstance(image_name, str):
-        raise bad(f"'image' must be a single relative path string, got {type(image_name).__name__}")
-    if image_name is not None and n_placeholders != 1:
-        raise bad(f"has an image but {n_placeholders} <image> placeholders in its conversation (need exactly 1)")
-    if image_name is None and n_placeholders:
-        raise bad(f"has {n_placeholders} <image> placeholder(s) but no 'image' field")
+        raise source.error(index, str(err), sample_id) from None
+    return Sample(record, sample_id, messages, image, path)
 
-    pixel_values = None
-    if image_name is not None:
-        path = Path(source.images) / image_name
-        if not path.is_file():
-            raise bad(f"image not found: {path}")
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise bad(f"cannot decode image {path}: {err}") from None
-        pixel_values = image_processor(images=[image], return_tensors="pt")["pixel_values"]
 
+def image_file(source: RecordSource, name: str) -> Path:
+    """The image file a record names, checked to be one; raises :class:`FormatError` saying what is wrong.
+
+    The path must resolve (``..``, absolute paths and symlinks followed) inside the source's image folder
+    unless ``data.allow_images_outside``: a data file must not make the trainer read whatever file it names.
+    Plain ``os.path`` strings and one ``stat``: this runs for every record before training.
+    """
+    if not name.strip():
+        raise FormatError("'image' is an empty string")
+    path = os.path.join(source.images, name)
     try:
-        enc = encoder.encode(messages)
+        real = os.path.realpath(path)
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except (OSError, ValueError) as err:  # no permission, a NUL byte in the name, ...
+        raise FormatError(f"image path {name!r} cannot be used: {err}") from None
+    if not source.allow_images_outside and not (real + os.sep).startswith(source.images_prefix):
+        raise FormatError(f"image {name!r} resolves to {real}, outside the image folder {source.images_real} "
+                          "(set data.allow_images_outside: true to allow that)")
+    if mode is None:
+        raise FormatError(f"image not found: {path}")
+    if stat.S_ISDIR(mode):
+        raise FormatError(f"image {path} is a directory, not an image file")
+    if not stat.S_ISREG(mode):
+        raise FormatError(f"image {path} is not a regular file")
+    return Path(path)
+
+
+def decode_image(path: Path) -> Image.Image:
+    """The image as RGB. Whatever the decoder raises on these bytes (OSError, SyntaxError, ValueError,
+    DecompressionBombError, ...) is a :class:`FormatError`: a property of the file, not of the code."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as err:
+        raise FormatError(f"cannot decode image {path}: {err}") from err
+
+
+def check_sample(source: RecordSource, index: int) -> Sample:
+    """:func:`read_sample` plus the image's header (PIL identifies the format): all that can be checked of a
+    record without decoding its pixels or tokenising it. Raises :class:`DataError`."""
+    sample = read_sample(source, index)
+    if sample.image_path is not None:
+        try:
+            with Image.open(sample.image_path):
+                pass
+        except Exception as err:  # as in decode_image: any failure on these bytes is the file's
+            raise source.error(index, f"cannot decode image {sample.image_path}: {err}", sample.id) from err
+    return sample
+
+
+def load_sample(source: RecordSource, index: int, encoder: ConversationEncoder, image_processor) -> dict:
+    """One record → arrays and pixel values; raises :class:`DataError`, or :class:`TooLongError` naming it."""
+    sample = read_sample(source, index)
+    pixel_values = None
+    try:
+        if sample.image_path is not None:
+            image = decode_image(sample.image_path)
+            pixel_values = image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        enc = encoder.encode(sample.messages)
     except TooLongError as err:
-        raise TooLongError(f"{source.path}: sample {sample_id!r} (record {index}): {err}") from None
+        raise TooLongError(str(source.error(index, str(err), sample.id))) from None
     except FormatError as err:
-        raise bad(str(err)) from None
-    return {"id": sample_id, "image": image_name, "encoded": enc, "pixel_values": pixel_values}
+        raise source.error(index, str(err), sample.id) from None
+    sample_id = sample.id if sample.id is not None else f"#{index}"
+    return {"id": sample_id, "image": sample.image, "encoded": enc, "pixel_values": pixel_values}
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -96,7 +149,9 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, gid: int) -> dict:
         skips: list[Skip] = []
-        for _ in range(MAX_CONSECUTIVE_SKIPS):
+        lo, hi = self.records.source_range(gid)
+        source, first = self.records.locate(gid)
+        for _ in range(min(MAX_CONSECUTIVE_SKIPS, hi - lo)):
             source, index = self.records.locate(gid)
             try:
                 item = load_sample(source, index, self.encoder, self.image_processor)
@@ -104,14 +159,15 @@ class LlavaDataset(torch.utils.data.Dataset):
                 return item
             except TooLongError as err:
                 skips.append(Skip("too_long", str(err)))
-            except BadSampleError as err:
+            except DataError as err:
                 if self.on_bad_sample == "error":
                     raise
                 skips.append(Skip("bad", str(err)))
             # Replace with the next record of the same file: deterministic, so resume stays exact.
-            lo, hi = self.records.source_range(gid)
             gid = lo + (gid - lo + 1) % (hi - lo)
-        raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} consecutive samples skipped; last: {skips[-1].message}")
+        last = skips[-1].message.removeprefix(f"{source.path}: ")
+        raise DataError(source.path, f"{len(skips)} records in a row from record {first} on were skipped (bad or "
+                                     f"too long), so there is nothing to use in their place; the last: {last}")
 
 
 class Collator:

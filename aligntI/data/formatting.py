@@ -16,11 +16,15 @@ mis-labelled. Tokens are then classified by their character offsets:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from aligntI.config import ConfigError
+from aligntI.data.records import json_type
 
 IMAGE_PLACEHOLDER = "<image>"  # what LLaVA-format data writes where the image goes
 ROLE_OF = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -35,42 +39,81 @@ class TooLongError(FormatError):
 
 
 def load_chat_template(name_or_path: str) -> str:
-    """A shipped template by name (``llava_v1``, ``llava_v1_compact``) or a ``.jinja`` file path."""
+    """A shipped template by name (``llava_v1``, ``llava_v1_compact``) or a ``.jinja`` file path.
+
+    A name or file that is not there is a :class:`ConfigError`: it comes from a recipe key or a CLI flag.
+    """
     path = Path(name_or_path)
     if path.suffix == ".jinja":
         if not path.is_file():
-            raise FileNotFoundError(f"chat template file not found: {path}")
-        return path.read_text()
+            raise ConfigError(f"chat template file not found: {path}")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"chat template {path}: not valid UTF-8 at byte {err.start}") from None
     shipped = resources.files("aligntI.data") / "templates" / f"{name_or_path}.jinja"
     if not shipped.is_file():
         names = sorted(p.name.removesuffix(".jinja") for p in (resources.files("aligntI.data") / "templates").iterdir())
-        raise FileNotFoundError(f"unknown chat template {name_or_path!r}; shipped: {names}, or give a .jinja path")
+        raise ConfigError(f"unknown chat template {name_or_path!r}; shipped: {names}, or give a .jinja path")
     return shipped.read_text()
 
 
 def to_messages(conversations) -> tuple[list[dict], int]:
-    """LLaVA ``conversations`` → chat messages; checks roles and returns the number of ``<image>`` tags."""
+    """LLaVA ``conversations`` → chat messages; returns them and the number of ``<image>`` tags.
+
+    Checks each turn's shape, the role order and that no turn is empty: an empty answer would train the
+    model to stop at once, an empty question asks nothing. A human turn may be only ``<image>``.
+    """
     if not isinstance(conversations, list) or not conversations:
-        raise FormatError("'conversations' must be a non-empty list of turns")
+        got = "an empty array" if conversations == [] else f"a JSON {json_type(conversations)}"
+        raise FormatError(f"'conversations' must be a non-empty list of turns, got {got}")
     messages, n_images = [], 0
     for i, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
-            raise FormatError(f"turn {i} must be an object with string 'from' and 'value'")
-        role = ROLE_OF.get(turn["from"])
-        if role is None:
-            raise FormatError(f"turn {i} has unknown role {turn['from']!r} (expected human, gpt or system)")
-        messages.append({"role": role, "content": turn["value"]})
+        messages.append({"role": _role(i, turn), "content": _text(i, turn)})
     roles = [m["role"] for m in messages]
     body = roles[1:] if roles[0] == "system" else roles
     expected = ["user", "assistant"] * (len(body) // 2)
     if len(body) < 2 or len(body) % 2 or body != expected:
-        raise FormatError(f"roles must alternate human, gpt, ... and end with gpt (optionally after one system turn); got {roles}")
+        raise FormatError("roles must alternate human, gpt, ... and end with gpt (optionally after one system turn); "
+                          f"got {[t['from'] for t in conversations]}")
     for i, m in enumerate(messages):
         count = m["content"].count(IMAGE_PLACEHOLDER)
         if count and m["role"] != "user":
             raise FormatError(f"turn {i} ({m['role']}) contains {IMAGE_PLACEHOLDER}; only human turns may")
+        if not count and not m["content"].strip():
+            need = ": an answer needs text" if m["role"] == "assistant" else ""
+            raise FormatError(f"turn {i} ({conversations[i]['from']}) is empty{need}")
         n_images += count
     return messages, n_images
+
+
+def _role(i: int, turn) -> str:
+    if not isinstance(turn, dict):
+        raise _bad_turn(i, f"it is a JSON {json_type(turn)}")
+    if not isinstance(turn.get("from"), str):
+        raise _bad_turn(i, "it has no 'from'" if "from" not in turn else f"its 'from' is a JSON {json_type(turn['from'])}")
+    role = ROLE_OF.get(turn["from"])
+    if role is None:
+        raise FormatError(f"turn {i} has unknown role {turn['from']!r} (expected human, gpt or system)")
+    return role
+
+
+def _text(i: int, turn: dict) -> str:
+    if "value" not in turn:
+        raise _bad_turn(i, "it has no 'value'")
+    value = turn["value"]
+    if not isinstance(value, str):
+        raise _bad_turn(i, f"its 'value' is a JSON {json_type(value)} {json.dumps(value)[:40]}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate escape such as \ud800: valid JSON, not text
+        raise FormatError(f"turn {i}: 'value' holds an unpaired surrogate {value[err.start]!r} at character "
+                          f"{err.start}; it is not valid Unicode") from None
+    return value
+
+
+def _bad_turn(i: int, detail: str) -> FormatError:
+    return FormatError(f"turn {i} must be an object with string 'from' and 'value'; {detail}")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,29 +20,44 @@ import torch.distributed
 from PIL import Image
 from tqdm import tqdm
 
-from aligntI.data.formatting import ConversationEncoder, to_messages
-from aligntI.data.records import RecordSource
+from aligntI.data.dataset import check_sample, decode_image
+from aligntI.data.formatting import ConversationEncoder, FormatError
+from aligntI.data.records import DataError, RecordSource
 
 
 def normalize_answer(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def load_eval_items(path: str, images: str | None, category_key: str, max_samples: int | None) -> list[dict]:
-    """Single-answer items: the prompt is every turn but the last, the reference is the last answer."""
-    source = RecordSource(path, images, max_samples)
+def load_eval_items(path: str, images: str | None, category_key: str, max_samples: int | None,
+                    allow_images_outside: bool = False) -> list[dict]:
+    """Single-answer items: the prompt is every turn but the last, the reference is the last answer.
+
+    Every record is checked as training records are (:func:`aligntI.data.dataset.check_sample`), so a bad
+    one raises :class:`DataError` here rather than during generation.
+    """
+    source = RecordSource(path, images, max_samples, allow_images_outside)
     items = []
     for i in range(len(source)):
-        record = source.get(i)
-        messages, _ = to_messages(record["conversations"])
+        sample = check_sample(source, i)
         items.append({
-            "id": str(record.get("id", f"#{i}")),
-            "prompt": messages[:-1],
-            "reference": messages[-1]["content"],
-            "image": str(Path(source.images) / record["image"]) if record.get("image") else None,
-            "category": str(record.get(category_key, "all")),
+            "id": sample.id if sample.id is not None else f"#{i}",
+            "prompt": sample.messages[:-1],
+            "reference": sample.messages[-1]["content"],
+            "image": str(sample.image_path) if sample.image_path else None,
+            "category": str(sample.record.get(category_key, "all")),
+            "file": str(source.path),
+            "record": i,
         })
     return items
+
+
+def eval_image(item: dict) -> Image.Image:
+    """An item's image as RGB; pixels that do not decode are a :class:`DataError` naming the record."""
+    try:
+        return decode_image(Path(item["image"]))
+    except FormatError as err:
+        raise DataError(item["file"], str(err), record=item["record"], sample_id=item["id"]) from None
 
 
 @dataclass
@@ -54,8 +70,7 @@ class Prompt:
 
 
 def exact_match_prompts(items: list[dict]) -> list[Prompt]:
-    return [Prompt(it["id"], it["prompt"], (lambda p=it["image"]: Image.open(p).convert("RGB")) if it["image"]
-                   else None) for it in items]
+    return [Prompt(it["id"], it["prompt"], partial(eval_image, it) if it["image"] else None) for it in items]
 
 
 @torch.no_grad()

@@ -2,29 +2,70 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from aligntI.config import TRAINABLE_PARTS, AttentionConfig, OptimConfig
 
 
+class ModelDirError(ValueError):
+    """A model directory is missing or incomplete: the message names it and what is wrong."""
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """``path`` as a local HF model directory with a readable config.json (never a hub id: runs are offline)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"{path}: " + ("not a directory" if path.exists() else "no such model directory"))
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelDirError(f"{path}: not an HF model directory (no config.json)")
+    try:
+        content = json.loads(config.read_bytes())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ModelDirError(f"{config}: not valid JSON: {err}") from err
+    if not isinstance(content, dict):
+        raise ModelDirError(f"{config}: expected a JSON object, got {type(content).__name__}")
+    return path
+
+
 def load_processor(path: str | Path):
-    return AutoProcessor.from_pretrained(str(path))
+    """The directory's processor: a tokenizer and an image processor (what ``save_pretrained`` of a LLaVA
+    processor writes next to config.json)."""
+    path = check_model_dir(path)
+    try:
+        processor = AutoProcessor.from_pretrained(str(path))
+    except Exception as err:  # the tokenizer's and image processor's parsers raise any type on a broken file
+        raise ModelDirError(f"{path}: cannot load its processor: {_first_line(err)}") from err
+    if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
+        raise ModelDirError(f"{path}: holds a {type(processor).__name__}, not a processor with a tokenizer and an "
+                            "image processor (processor_config.json / preprocessor_config.json missing?)")
+    return processor
 
 
 def load_model(path: str | Path, attn: AttentionConfig, dtype: torch.dtype = torch.float32):
     """``AutoModelForImageTextToText`` from a local directory, attention backend chosen per sub-model."""
-    if not Path(path, "config.json").is_file():
-        raise FileNotFoundError(f"no HF model directory at {path} (config.json missing)")
-    return AutoModelForImageTextToText.from_pretrained(
-        str(path),
-        attn_implementation={"text_config": attn.text, "vision_config": attn.vision},
-        dtype=dtype,
-    )
+    path = check_model_dir(path)
+    try:
+        return AutoModelForImageTextToText.from_pretrained(
+            str(path),
+            attn_implementation={"text_config": attn.text, "vision_config": attn.vision},
+            dtype=dtype,
+        )
+    # Missing or truncated weights, an unknown model type, an attention backend that is not installed.
+    except (OSError, ValueError, KeyError, ImportError, SafetensorError) as err:
+        raise ModelDirError(f"{path}: cannot load the model: {_first_line(err)}") from err
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def model_parts(model) -> dict[str, torch.nn.Module]:

@@ -77,6 +77,9 @@ class SFTRecipe:
             })
         ds.barrier()
         seed_everything(cfg.seed + self.dist.rank)
+        ev = cfg.eval  # a bad evaluation file fails now, not after training
+        self.eval_items = None if ev is None else load_eval_items(
+            ev.data, ev.images, ev.category_key, ev.max_samples, cfg.data.allow_images_outside)
 
         self.processor = load_processor(cfg.model.path)
         dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
@@ -259,10 +262,9 @@ class SFTRecipe:
     def evaluate(self) -> dict | None:
         """Greedy generation on the held-out file with the sharded engine; scores on rank 0."""
         ev = self.cfg.eval
-        items = load_eval_items(ev.data, ev.images, ev.category_key, ev.max_samples)
         self.student.eval()
         return evaluate_exact_match(
-            self.student.module, self.processor, build_encoder(self.processor, self.cfg.data), items,
+            self.student.module, self.processor, build_encoder(self.processor, self.cfg.data), self.eval_items,
             batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, device=self.dist.device,
             rank=self.dist.rank, world_size=self.dist.world_size, out_dir=self.run_dir / "eval",
             name=Path(ev.data).stem, title=str(self.run_dir),
