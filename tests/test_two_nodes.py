@@ -125,7 +125,10 @@ def test_first_node_hosts_the_rendezvous_when_its_name_is_not_the_host_name(tmp_
                      "dist.init_process_group('gloo')\n"
                      "x = torch.tensor([dist.get_rank() + 1.0])\n"
                      "dist.all_reduce(x)\n"
-                     "print(f'rank {dist.get_rank()} of {dist.get_world_size()}: sum {x.item():.0f}', flush=True)\n")
+                     "print(f'rank {dist.get_rank()} of {dist.get_world_size()}: sum {x.item():.0f}', flush=True)\n"
+                     # A rank that exits with its group alive may abort (SIGABRT) while its peer tears down.
+                     "dist.barrier()\n"
+                     "dist.destroy_process_group()\n")
     logs = tmp_path / "logs"
     with two_nodes([str(probe)], f"{address},127.0.0.1", logs) as procs:
         texts = wait_all(procs, logs, timeout=150)
