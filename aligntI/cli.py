@@ -246,10 +246,12 @@ def cmd_export(args) -> int:
     from aligntI.models.loading import load_model, load_processor
 
     run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--run {run}: not a run directory (no config.yaml)")
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     tag = args.tag or ds.latest_complete_checkpoint(run / "checkpoints")
     if tag is None or not (run / "checkpoints" / tag / "COMPLETE").is_file():
-        raise SystemExit(f"aligntI export: no complete checkpoint {tag or ''} under {run / 'checkpoints'}")
+        raise ConfigError(f"--run {run}: no complete checkpoint {tag or ''} under {run / 'checkpoints'}")
     model = load_model(resolved["model"]["path"], AttentionConfig(), torch.float32)
     state = ds.consolidate_checkpoint(run / "checkpoints", tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -460,7 +462,8 @@ SIBLING_WAIT_S = 10.0  # far longer than a launcher takes to end every rank once
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Bad input (recipe, data, model directory) ends it with one line on stderr, exit code 2.
+    """Run one command. Bad input (recipe, data, model directory, a path that cannot be read or written) ends it
+    with one line on stderr, exit code 2.
 
     Under a launcher every rank runs this. Rank 0 reports at once; any other rank first waits
     ``SIBLING_WAIT_S``, in which the launcher ends it if rank 0 has exited: an error every rank meets (a
@@ -473,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     except tuple(cls for cls, _ in BAD_INPUT) as err:
         label = next(label for cls, label in BAD_INPUT if isinstance(err, cls))
         return report(err, f"{label}{err}", 2)
+    except OSError as err:
+        if err.filename is None:  # not about a path the user gave (a socket, a pipe): a bug until shown otherwise
+            raise
+        other = f" -> {err.filename2}" if err.filename2 is not None else ""
+        return report(err, f"file error: {err.filename}{other}: {err.strerror or err}", 2)
     except Exception as err:
         if not lost_peer(err):
             raise

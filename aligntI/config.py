@@ -614,6 +614,8 @@ def _coerce(tp: Any, value: Any, key: str):
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        if not value.strip():  # every string here is a path or a name: empty is never meant
+            raise ConfigError(f"{key}: must not be empty")
         return value
     raise TypeError(f"{key}: unsupported schema type {tp!r}")
 

@@ -241,7 +241,7 @@ def test_skip_mode_gives_up_after_every_record_of_a_file_failed(folder, processo
     path = write_lines(folder / "d.jsonl", [good(i) | {"image": "trunc.png"} for i in range(3)])
     data = DataConfig(train=[DataSource(path)], on_bad_sample="skip")
     dataset = LlavaDataset(build_records(data, 0), build_encoder(processor, data), processor.image_processor, "skip")
-    with pytest.raises(DataError, match=r"d.jsonl: 3 records in a row from record 1 on were skipped .* the last: "
+    with pytest.raises(DataError, match=r"d.jsonl: 3 consecutive records from record 1 on .* were skipped .* the last: "
                                         r"record 0 \(line 1\), sample 'r0': cannot decode image"):
         dataset[1]
 
@@ -287,6 +287,34 @@ def test_cli_prints_one_line_and_the_debug_switch_adds_the_traceback(tmp_path, m
     assert main(["train", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last)") and expected in err
+
+
+def test_a_path_that_cannot_be_written_or_read_is_one_line(tmp_path, tiny_model, digitgrid, capsys):
+    """File-system errors on a path the user gave (the run directory, a run to export) are bad input too."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, digitgrid, blocker / "run", "ds_configs/zero3_cpu.json")
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"aligntI: file error: {blocker / 'run'}: Not a directory" in err and err.count("\n") == 1, err
+    assert main(["export", "--run", str(tmp_path / "nowhere")]) == 2
+    assert "aligntI: config error: --run " in capsys.readouterr().err
+
+
+def test_the_data_is_checked_before_the_weights_load(tmp_path, tiny_model, digitgrid, capsys):
+    """A bad record fails the run before the (for a real model, minutes-long) weight loading: here the weights
+    cannot even be read, and the error is still the data's."""
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    (model / "model.safetensors").write_bytes(b"not weights")
+    data = tmp_path / "data"
+    shutil.copytree(digitgrid / "images", data / "images")
+    records = json.loads((digitgrid / "train.json").read_text())[:8]
+    records[3]["conversations"][1]["value"] = ""
+    (data / "train.json").write_text(json.dumps(records))
+    recipe = write_recipe(tmp_path / "r.yaml", model, data, tmp_path / "run", "ds_configs/zero3_cpu.json")
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "aligntI: data error: " in err and "record 3" in err and "is empty" in err, err
 
 
 def test_other_ranks_give_the_launcher_time_to_end_them(monkeypatch, capsys):

@@ -10,6 +10,7 @@ import json
 import pytest
 from PIL import Image
 
+from aligntI.data.records import DataError
 from aligntI.eval.benchmarks import (
     BENCHMARKS,
     LETTER_PROMPT,
@@ -537,13 +538,13 @@ def test_mmbench_load_and_circular_score(tmp_path):
 def test_loader_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown benchmark 'vqav2'"):
         load_benchmark("vqav2", tmp_path / "x.jsonl")
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(DataError, match="nope.jsonl"):
         load_benchmark("gqa", tmp_path / "nope.jsonl")
     tiny_image(tmp_path / "a.jpg")
     data = write_jsonl(tmp_path / "q.jsonl", [{"question_id": "q1", "image": "a.jpg", "text": "Q?"}])
-    with pytest.raises(FileNotFoundError, match="missing.json"):
+    with pytest.raises(DataError, match="missing.json"):
         load_benchmark("gqa", data, annotations=tmp_path / "missing.json")
-    with pytest.raises(FileNotFoundError, match="image folder"):
+    with pytest.raises(DataError, match="image folder"):
         load_benchmark("gqa", data, images=tmp_path / "no_images")
     with pytest.raises(ValueError, match="max_samples"):
         load_benchmark("gqa", data, max_samples=0)
@@ -566,7 +567,7 @@ def test_loader_errors(tmp_path):
     no_split_file = write_jsonl(tmp_path / "pope2.jsonl", [{"question_id": 6, "image": "a.jpg", "text": "Q?",
                                                             "category": "popular"}])
     (tmp_path / "coco").mkdir()
-    with pytest.raises(FileNotFoundError, match="coco_pope_popular.json"):
+    with pytest.raises(DataError, match="coco_pope_popular.json"):
         load_benchmark("pope", no_split_file, annotations=tmp_path / "coco")
     bad_gqa = write_jsonl(tmp_path / "g.jsonl", [{"question_id": "g1", "image": "a.jpg", "text": "Q?",
                                                   "answer": ["yes"]}])
@@ -575,6 +576,14 @@ def test_loader_errors(tmp_path):
     no_image = write_jsonl(tmp_path / "ni.jsonl", [{"question_id": "g2", "text": "Q?", "answer": "yes"}])
     with pytest.raises(ValueError, match=r"'g2'.*no 'image'"):
         load_benchmark("gqa", no_image)
+    # files that are not UTF-8, or hold no questions: data errors naming the file
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"question_id": "g3", "image": "a.jpg", "text": "caf\xe9?", "answer": "yes"}'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl: not valid UTF-8 at byte 52"):
+        load_benchmark("gqa", latin1)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"empty.jsonl: holds no gqa questions"):
+        load_benchmark("gqa", tmp_path / "empty.jsonl")
 
 
 def test_loader_errors_per_benchmark(tmp_path):
@@ -591,7 +600,7 @@ def test_loader_errors_per_benchmark(tmp_path):
     tiny_image(root / "count" / "c1.jpg")
     mme = write_jsonl(tmp_path / "mme.jsonl", [{"question_id": "count/c1.jpg", "image": "count/c1.jpg",
                                                 "text": "Are there two dogs?", "category": "count"}])
-    with pytest.raises(FileNotFoundError, match="c1.txt"):
+    with pytest.raises(DataError, match="c1.txt"):
         load_benchmark("mme", mme, images=root, annotations=root)
     (root / "count" / "c1.txt").write_text("Are there three dogs? Please answer yes or no.\tNo\n")
     with pytest.raises(ValueError, match=r"'count/c1.jpg'.*not in the ground-truth"):

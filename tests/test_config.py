@@ -58,6 +58,8 @@ def test_unknown_key_is_named(tmp_path, patch, key):
     ({"engine": {**BASE["engine"], "zero_stage": "3"}}, "engine.zero_stage", "not one of"),
     ({"optim": {"lr": "fast"}}, "optim.lr", "expected a number"),
     ({"data": {"train": {"path": "d.json"}}}, "data.train", "expected a list"),
+    ({"model": {"path": " "}}, "model.path", "must not be empty"),
+    ({"run_dir": ""}, "run_dir", "must not be empty"),
 ])
 def test_wrong_type_is_named(tmp_path, patch, key, fragment):
     msg = error_of(tmp_path, {**BASE, **patch})

@@ -125,8 +125,8 @@ def test_recipe_form_accumulates_one_table_and_checks_its_input(tiny_model, digi
     assert "benchmarks.0.name: 'vqa' is not one of" in error(f"benchmarks=[{{name: vqa, data: {gqa}}}]")
     assert "not both" in error("--model", str(tiny_model))
     missing = tmp_path / "nothing.jsonl"
-    with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
-        main(["eval", "--model", str(tiny_model), "--bench", "gqa", "--data", str(missing), "--out", str(out)])
+    assert main(["eval", "--model", str(tiny_model), "--bench", "gqa", "--data", str(missing), "--out", str(out)]) == 2
+    assert f"aligntI: data error: {missing}: gqa question file: file not found" in capsys.readouterr().err
 
 
 def test_two_ranks_with_zero3_answer_as_one_process(tiny_model, digitgrid, tmp_path):

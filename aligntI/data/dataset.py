@@ -166,8 +166,9 @@ class LlavaDataset(torch.utils.data.Dataset):
             # Replace with the next record of the same file: deterministic, so resume stays exact.
             gid = lo + (gid - lo + 1) % (hi - lo)
         last = skips[-1].message.removeprefix(f"{source.path}: ")
-        raise DataError(source.path, f"{len(skips)} records in a row from record {first} on were skipped (bad or "
-                                     f"too long), so there is nothing to use in their place; the last: {last}")
+        raise DataError(source.path, f"{len(skips)} consecutive records from record {first} on (wrapping round "
+                                     "the file) were skipped (bad or too long), so there is nothing to use in their "
+                                     f"place; the last: {last}")
 
 
 class Collator:

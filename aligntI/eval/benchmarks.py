@@ -41,6 +41,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from aligntI.data.records import DataError
+
 BENCHMARKS: tuple[str, ...] = ("gqa", "sqa_img", "textvqa", "pope", "mme", "mmbench")
 TITLES = {"gqa": "GQA", "sqa_img": "SQA-IMG", "textvqa": "TextVQA", "pope": "POPE-F1", "mme": "MME-P/20",
           "mmbench": "MMB-dev"}
@@ -86,12 +88,12 @@ class BenchItem:
                 with Image.open(io.BytesIO(self.image_bytes)) as im:
                     return im.convert("RGB")
             except (UnidentifiedImageError, OSError) as e:
-                raise ValueError(f"sample {self.id!r}: its embedded image cannot be decoded ({e})") from e
+                raise DataError("<embedded image>", f"cannot be decoded ({e})", sample_id=self.id) from e
         if self.image is None:
-            raise ValueError(f"sample {self.id!r} has no image")
+            raise DataError("<no image>", "the question has no image", sample_id=self.id)
         path = Path(self.image)
         if not path.is_file():
-            raise FileNotFoundError(f"sample {self.id!r}: image file {path} not found")
+            raise DataError(path, "image file not found", sample_id=self.id)
         with Image.open(path) as im:
             return im.convert("RGB")
 
@@ -124,12 +126,15 @@ def load_benchmark(name: str, data: str | Path, images: str | Path | None = None
         if images is not None:
             images = Path(images)
             if not images.is_dir():
-                raise FileNotFoundError(f"{name} image folder {images} not found")
+                raise DataError(data, f"{name} image folder {images} not found")
         if annotations is not None:
             annotations = Path(annotations)
             if not annotations.exists():
-                raise FileNotFoundError(f"{name} annotations {annotations} not found")
-    return _LOADERS[name](data, images, annotations, max_samples)
+                raise DataError(data, f"{name} annotations {annotations} not found")
+    items = _LOADERS[name](data, images, annotations, max_samples)
+    if not items:
+        raise DataError(data, f"holds no {name} questions")
+    return items
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -138,30 +143,36 @@ def load_benchmark(name: str, data: str | Path, images: str | Path | None = None
 def _existing(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} not found")
+        raise DataError(path, f"{what}: file not found")
     return path
 
 
-def _fail(path: Path, sample: Any, message: str) -> ValueError:
-    return ValueError(f"{path}: sample {str(sample)!r}: {message}")
+def _fail(path: Path, sample: Any, message: str) -> DataError:
+    return DataError(path, message, sample_id=str(sample))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not valid UTF-8 at byte {e.start}; save the file as UTF-8") from None
 
 
 def _read_json(path: Path) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise DataError(path, f"not valid JSON ({e})") from e
 
 
 def _read_records(path: Path) -> list[dict]:
     """A JSON array or JSON lines, each record an object."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+            raise DataError(path, f"not valid JSON ({e})") from e
         where = [f"record {i}" for i in range(len(records))]
     else:
         records, where = [], []
@@ -171,11 +182,11 @@ def _read_records(path: Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from e
+                raise DataError(path, f"line {n} is not valid JSON ({e})") from e
             where.append(f"line {n}")
     for rec, at in zip(records, where):
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}: {at} is not a JSON object")
+            raise DataError(path, f"{at} is not a JSON object")
     return records
 
 
@@ -200,7 +211,7 @@ def _unique_ids(raw: list[str]) -> list[str]:
 
 def _raw_id(rec: dict, key: str, path: Path, position: int) -> Any:
     if rec.get(key) is None:
-        raise ValueError(f"{path}: record {position} has no {key!r}")
+        raise DataError(path, f"has no {key!r}", record=position)
     return rec[key]
 
 
@@ -281,7 +292,7 @@ def _load_gqa(data: Path, images: Path | None, annotations: Path | None, max_sam
             if questions is None:
                 questions = _read_json(path)
                 if not isinstance(questions, dict):
-                    raise ValueError(f"{path}: expected GQA's {{question_id: question}} object")
+                    raise DataError(path, "expected GQA's {question_id: question} object")
             entry = questions.get(str(qid))
             if not isinstance(entry, dict):
                 raise _fail(path, sid, f"question {qid} is not in the annotations (from {data})")
@@ -362,7 +373,7 @@ def _load_sqa_img(data: Path, images: Path | None, annotations: Path | None, max
             if problems is None:
                 problems = _read_json(_existing(path, "ScienceQA problems.json"))
                 if not isinstance(problems, dict):
-                    raise ValueError(f"{path}: expected ScienceQA's {{problem_id: problem}} object")
+                    raise DataError(path, "expected ScienceQA's {problem_id: problem} object")
             prob = problems.get(str(rec["id"]))
             if not isinstance(prob, dict):
                 raise _fail(path, sid, f"problem {rec['id']} is not in problems.json (from {data})")
@@ -432,7 +443,7 @@ def _load_textvqa(data: Path, images: Path | None, annotations: Path | None, max
                 blob = _read_json(path)
                 entries = blob.get("data") if isinstance(blob, dict) else blob
                 if not isinstance(entries, list):
-                    raise ValueError(f"{path}: expected TextVQA's {{'data': [...]}} annotations")
+                    raise DataError(path, "expected TextVQA's {'data': [...]} annotations")
                 by_pair, by_qid = {}, {}
                 for e in entries:
                     if isinstance(e, dict) and isinstance(e.get("question"), str):
@@ -472,7 +483,7 @@ def _load_pope(data: Path, images: Path | None, annotations: Path | None, max_sa
     label line that names a different question or image than the record it is paired with is an error.
     """
     if annotations is not None and not annotations.is_dir():
-        raise ValueError(f"POPE annotations must be the folder holding coco_pope_<split>.json, got {annotations}")
+        raise DataError(annotations, "POPE annotations must be the folder holding coco_pope_<split>.json")
     labels: dict[str, list[dict]] = {}
     position: Counter = Counter()
     items = []
@@ -546,12 +557,12 @@ def _load_mme(data: Path, images: Path | None, annotations: Path | None, max_sam
             if gt_file not in gt_files:
                 _existing(gt_file, f"MME ground truth for {qid}")
                 pairs = []
-                for n, line in enumerate(gt_file.read_text(encoding="utf-8").splitlines(), 1):
+                for n, line in enumerate(_read_text(gt_file).splitlines(), 1):
                     if not line.strip():
                         continue
                     parts = line.strip().split("\t")
                     if len(parts) != 2:
-                        raise ValueError(f"{gt_file}: line {n} is not 'question<TAB>answer'")
+                        raise DataError(gt_file, f"line {n} is not 'question<TAB>answer'")
                     pairs.append((_mme_key(parts[0]), parts[1]))
                 gt_files[gt_file] = pairs
             key = _mme_key(text)
@@ -585,7 +596,9 @@ def _read_tsv(path: Path) -> list[dict]:
         with open(path, encoding="utf-8", newline="") as f:
             return list(csv.DictReader(f, delimiter="\t"))
     except csv.Error as e:
-        raise ValueError(f"{path}: not a readable TSV ({e})") from e
+        raise DataError(path, f"not a readable TSV ({e})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not valid UTF-8 at byte {e.start}; save the file as UTF-8") from None
     finally:
         csv.field_size_limit(old)
 
@@ -601,13 +614,13 @@ def _load_mmbench(data: Path, images: Path | None, annotations: Path | None, max
     """
     rows = _read_tsv(data)
     if rows and not {"index", "question", "image"} <= set(rows[0]):
-        raise ValueError(f"{data}: MMBench TSV needs columns index, question, image; has {sorted(rows[0])}")
+        raise DataError(data, f"MMBench TSV needs columns index, question, image; has {sorted(rows[0])}")
     indices = []
     for n, row in enumerate(rows, 2):
         try:
             indices.append(int(float(row["index"])))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{data}: line {n} has index {row.get('index')!r}, not an integer") from e
+            raise DataError(data, f"line {n} has index {row.get('index')!r}, not an integer") from e
     by_index = dict(zip(indices, rows))
     if max_samples is not None:
         rows, indices = rows[:max_samples], indices[:max_samples]

@@ -82,13 +82,6 @@ class SFTRecipe:
             ev.data, ev.images, ev.category_key, ev.max_samples, cfg.data.allow_images_outside)
 
         self.processor = load_processor(cfg.model.path)
-        dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
-        with ds.sharded_loading(self.ds_config):
-            model = load_model(cfg.model.path, cfg.model.attn_implementation, dtype)
-        self.trainable = set_trainable(model, cfg.model.trainable)
-        if cfg.model.activation_checkpointing:
-            model.activation_checkpointing_enable()
-        model.config.use_cache = False
 
         # The data order is fixed by (seed, epoch): resuming needs only the step we restart from.
         self.start_step = 0
@@ -109,6 +102,14 @@ class SFTRecipe:
             start_sample=self.start_step * per_rank_step,
         )
         self.steps_per_epoch = sampler.steps_per_epoch
+        # The weights load after the data check (in the loader): a bad record fails before minutes of loading.
+        dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        with ds.sharded_loading(self.ds_config):
+            model = load_model(cfg.model.path, cfg.model.attn_implementation, dtype)
+        self.trainable = set_trainable(model, cfg.model.trainable)
+        if cfg.model.activation_checkpointing:
+            model.activation_checkpointing_enable()
+        model.config.use_cache = False
         self.total_steps = cfg.train.total_steps(self.steps_per_epoch)
         warmup = warmup_steps_for(self.total_steps, cfg.optim.warmup_ratio)
         self.student = ds.StudentEngine(
