@@ -1,7 +1,7 @@
 """SLURM's environment -> the ``torchrun`` command of one node: what every slurm/*.sh runs on each node via srun.
 
 One task per node: each task runs ``python -m aligntI.slurm -- <program> [args]``, which reads the job's
-SLURM variables (nodes, this node's index, GPUs per node, job id) and replaces itself with ``torchrun``. The
+SLURM variables (nodes, this node's index, GPUs per node, job id) and runs torchrun's agent in-process. The
 ranks rendezvous (c10d) at the first node of the allocation, which hosts the store, on a port derived from the
 job id, so every node computes the same endpoint without talking to the others.
 
@@ -174,8 +174,24 @@ def main(argv: list[str] | None = None) -> int:
           f"{layout.master_addr}:{layout.master_port}\n[aligntI.slurm] {shlex.join(cmd)}", flush=True)
     if dry_run:
         return 0
-    os.execv(cmd[0], cmd)
-    return 1  # not reached
+    return run_torchrun(cmd[3:], layout.node_rank)
+
+
+def run_torchrun(args: list[str], node_rank: int) -> int:
+    """torchrun's agent, in this process: a failed rank ends it with that rank's exit code (2 for bad input)
+    and one line, where the ``torchrun`` command exits 1 with a traceback of its own after the rank's message."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(args))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        how = f"exit code {failure.exitcode}" if failure.exitcode > 0 else f"signal {-failure.exitcode}"
+        print(f"[aligntI.slurm] node {node_rank}: rank {rank} ended first, with {how}; its own message is above",
+              file=sys.stderr, flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -137,6 +137,24 @@ def test_first_node_hosts_the_rendezvous_when_its_name_is_not_the_host_name(tmp_
     assert printed == ["0", "1"]
 
 
+def test_a_failed_rank_gives_its_exit_code_and_no_launcher_traceback(tmp_path):
+    """Bad input exits 2 on a rank; under ``python -m aligntI.slurm`` the job step exits 2 too, and torchrun's own
+    ChildFailedError traceback does not bury the rank's one-line message."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os, sys\n"
+                     "if os.environ['RANK'] == '1':\n"
+                     "    print('aligntI [rank 1]: data error: d.json: broken', file=sys.stderr)\n"
+                     "    sys.exit(2)\n")
+    env = node_env(job_id_with_free_port(), "127.0.0.1", 0, str(tmp_path))
+    env.update(SLURM_JOB_NUM_NODES="1", SLURM_NNODES="1", SLURM_NTASKS="1", NPROC_PER_NODE="2", LOGLEVEL="WARNING")
+    proc = subprocess.run([sys.executable, "-m", "aligntI.slurm", "--", str(probe)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "aligntI [rank 1]: data error: d.json: broken" in out and "Traceback" not in out, out
+    assert "rank 1 ended first, with exit code 2" in out, out
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
