@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from aligntI.config import ConfigError
 from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks.attention import AttentionCapture, decoder_layers
@@ -61,8 +62,9 @@ def pair_mask(images: list[str], pairing: str) -> torch.Tensor:
 def irs_scores(focus: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     """``focus`` [layers, N, V], ``pairs`` [N, N] bool (which ordered pairs count) → IRS per layer."""
     if int(pairs.sum()) == 0:
-        raise ValueError("IRS: no sample pairs to compare (with pairing same_image, no two calibration samples "
-                         "share an image; use pairing any or more samples)")
+        raise ConfigError(f"irs.pairing: same_image, but no two of the {focus.shape[1]} calibration samples share an "
+                          "image, so IRS has no pairs to compare; use pairing any, or more samples (irs.samples; "
+                          "--pairing/--samples of aligntI irs)")
     unit = F.normalize(focus.double(), dim=-1)
     cos = unit @ unit.transpose(1, 2)
     return 1 - (cos * pairs).sum((1, 2)) / pairs.sum()

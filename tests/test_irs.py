@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import launch
 
+from aligntI.cli import main
+from aligntI.config import ConfigError
 from aligntI.irs import choose_layer, format_table, irs_scores, pair_mask
 
 
@@ -30,7 +32,7 @@ def test_same_image_pairing_only_compares_questions_on_one_image():
     assert mask.sum() == 4 and not mask.diagonal().any()
     # pairs: (0,1) cos 0 and (2,3) cos 1 -> mean 0.5
     assert irs_scores(focus, mask).item() == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="no two calibration samples share an image"):
+    with pytest.raises(ConfigError, match="no two of the 4 calibration samples share an image"):
         irs_scores(focus, pair_mask(["a", "b", "c", "d"], "same_image"))
 
 
@@ -56,6 +58,14 @@ def test_irs_command(tmp_path, tiny_model, digitgrid):
            launcher="python")
     single = json.loads((tmp_path / "one" / "irs.json").read_text())
     assert single["irs"] == pytest.approx(report["irs"], abs=1e-6)
+
+
+def test_same_image_pairing_without_pairs_is_a_config_error(tmp_path, tiny_model, digitgrid, capsys):
+    """DigitGrid draws a new image per question: pairing same_image finds no pairs, which the user must change."""
+    assert main(["irs", "--model", str(tiny_model), "--data", str(digitgrid / "test.json"), "--samples", "6",
+                 "--pairing", "same_image", "--chat-template", "llava_v1_compact", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "aligntI: config error: irs.pairing: same_image, but no two of the 6 calibration samples share" in err
 
 
 def test_calibration_sample_is_seeded_spans_the_source_and_is_equal_per_rank():

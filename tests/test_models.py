@@ -102,3 +102,14 @@ def test_dummy_image_does_not_change_text_only_logits(tiny_model):
                       position_ids=batch["position_ids"][:, :plain_len]).logits
     real = batch["attention_mask"][:, :plain_len] == 1
     torch.testing.assert_close(with_dummy[real], plain[real], atol=1e-5, rtol=1e-5)
+
+
+def test_a_vision_tower_that_does_not_fit_the_spec_is_a_config_error(tmp_path, tiny_model, digitgrid, capsys):
+    from aligntI.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("vision: {family: siglip, hidden_size: 48, num_layers: 1, num_heads: 2, intermediate_size: 64}\n")
+    assert main(["init-model", "--spec", str(spec), "--tokenizer", str(digitgrid / "tokenizer"),
+                 "--vision-from", str(tiny_model), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "aligntI: config error: --vision-from: the spec's vision tower differs" in err and "hidden_size: spec 48" in err

@@ -27,6 +27,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+from aligntI.config import ConfigError
 from aligntI.data.formatting import IMAGE_PLACEHOLDER, load_chat_template
 
 TEXT_CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}
@@ -158,7 +159,7 @@ def copy_vision_tower(model, source_dir: str | Path) -> None:
     mine, theirs = model.config.vision_config.to_dict(), source.config.vision_config.to_dict()
     differ = [f"{k}: spec {mine.get(k)} vs {source_dir} {theirs.get(k)}" for k in fields if mine.get(k) != theirs.get(k)]
     if differ:
-        raise ValueError("the spec's vision tower differs from the one to copy: " + "; ".join(differ))
+        raise ConfigError("--vision-from: the spec's vision tower differs from the one to copy: " + "; ".join(differ))
     model.model.vision_tower.load_state_dict(source.model.vision_tower.state_dict())
 
 
