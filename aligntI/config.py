@@ -207,7 +207,7 @@ class TeacherConfig:
 
 @dataclass
 class LossWeights:
-    """λ of each term of ``λ_sft·L_sft + λ_kd·L_kd + λ_iva·L_iva + λ_tpa·L_tpa`` (SPEC §1; default 1 for all)."""
+    """λ of each term of ``λ_sft·L_sft + λ_kd·L_kd + λ_iva·L_iva + λ_tpa·L_tpa`` (1 for all, as in the paper)."""
 
     sft: float = 1.0
     kd: float = 1.0
@@ -222,7 +222,7 @@ class LossWeights:
 
 @dataclass
 class KDConfig:
-    """Response-token distillation (SPEC §6)."""
+    """Response-token distillation."""
 
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = "forward_kl"
     temperature: float = 1.0
@@ -244,7 +244,7 @@ class KDConfig:
 
 @dataclass
 class IVAConfig:
-    """Instruction-aware vision alignment (SPEC §4)."""
+    """Instruction-aware vision alignment."""
 
     layer: Literal["auto"] | int = "auto"  # teacher layer; auto: argmax IRS on calibration samples at start-up
     mode: Literal["weighted_kl", "attention"] = "weighted_kl"
@@ -274,7 +274,7 @@ class IVAConfig:
 
 @dataclass
 class TPAConfig:
-    """Transition probability alignment (SPEC §5)."""
+    """Transition probability alignment."""
 
     candidates: int = 4  # d tokens per response position
     source: Literal["student", "teacher", "gt_bigram"] = "student"  # whose distribution the candidates come from

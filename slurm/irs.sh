@@ -1,5 +1,5 @@
 #!/bin/bash
-# Instruction-relevance score of every teacher layer (SPEC §3) on one GPU node: prints the table, writes irs.json
+# Instruction-relevance score of every teacher layer on one GPU node: prints the table, writes irs.json
 # and irs.png, names the IVA layer. Usage: sbatch slurm/irs.sh --model <teacher dir> --data <llava json> --out <dir> [...]
 # (the arguments of `aligntI irs`; `--chat-template llava_v1` for the paper's models).
 #SBATCH --job-name=aligntI-irs

@@ -1,4 +1,4 @@
-"""A real one-node SLURM cluster for the tests of slurm/*.sh (ENGINEERING §7): munged, slurmctld and slurmd
+"""A real one-node SLURM cluster for the tests of slurm/*.sh: munged, slurmctld and slurmd
 from Debian's packages, everything (key, socket, state, logs, ports) in a scratch directory so nothing on the
 machine is touched, and every daemon stopped at the end."""
 
@@ -96,7 +96,7 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
         if not (root / "dev" / f"gpu{i}").exists():
             os.mknod(root / "dev" / f"gpu{i}", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     (root / "gres.conf").write_text(f"AutoDetect=off\nNodeName={host} Name=gpu File={root / 'dev'}/gpu[0-7]\n")
-    # No cgroup.conf: SLURM 22.05 refuses to start with CgroupPlugin=disabled (ENGINEERING §7).
+    # No cgroup.conf: SLURM 22.05 refuses to start with CgroupPlugin=disabled.
     env["SLURM_CONF"] = str(conf)
     munge_pid = root / "munge" / "munged.pid"
     try:

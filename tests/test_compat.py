@@ -1,4 +1,4 @@
-"""Teacher/student start-up checks (SPEC §2) on real tiny processors and LLaVA configs from the builder."""
+"""Teacher/student start-up checks on real tiny processors and LLaVA configs from the builder."""
 
 from __future__ import annotations
 

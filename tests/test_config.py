@@ -183,12 +183,12 @@ DISTILL = {**BASE, "teacher": {"path": "t"}}
 
 def test_distillation_defaults_are_filled_and_dumped(tmp_path):
     cfg = load_recipe(write(tmp_path, DISTILL))
-    assert (cfg.loss.sft, cfg.loss.kd, cfg.loss.iva, cfg.loss.tpa) == (1.0, 1.0, 1.0, 1.0)  # SPEC §1: every λ is 1
+    assert (cfg.loss.sft, cfg.loss.kd, cfg.loss.iva, cfg.loss.tpa) == (1.0, 1.0, 1.0, 1.0)  # the paper: every λ is 1
     assert cfg.kd.divergence == "forward_kl" and cfg.kd.temperature == 1.0
     assert cfg.iva.layer == "auto" and cfg.iva.mode == "weighted_kl" and cfg.iva.weights == "teacher_attention"
     assert cfg.irs.samples == 256 and cfg.irs.pairing == "any"
     assert (cfg.tpa.candidates, cfg.tpa.source, cfg.tpa.exclude_gt, cfg.tpa.weighting, cfg.tpa.max_positions) == \
-        (4, "student", True, "uniform", None)  # SPEC §5
+        (4, "student", True, "uniform", None)  # the paper's TPA
     assert load_recipe(write(tmp_path, {**DISTILL, "iva": {"layer": 3}})).iva.layer == 3
 
 

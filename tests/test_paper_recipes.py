@@ -36,7 +36,7 @@ LLMS = {
                                    num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                    vocab_size=151936, tie_word_embeddings=False)),
 }
-# Samples per epoch of each stage's dataset (SPEC §7), so that the plan shows real step counts.
+# Samples per epoch of each stage's dataset (as the paper reports them), so that the plan shows real step counts.
 SAMPLES = {"LLaVA-Pretrain": 558_128, "LLaVA-Instruct": 665_298, "ShareGPT4V": 1_246_901,
            "MobileVLM_V2_FT_Mix2M": 2_400_000}
 

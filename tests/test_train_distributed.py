@@ -38,7 +38,7 @@ def image_free_on_one_rank_only(digitgrid, mixed_data, steps: int) -> int:
 
 
 def test_zero3_two_ranks_trains_exports_and_reloads(tmp_path, tiny_model, digitgrid, mixed_data, zero3_partitioned):
-    # The hang scenario of ENGINEERING 4d must actually occur in this run.
+    # The hang scenario (one rank's batch has no image, so only the other runs the vision tower) must occur here.
     assert image_free_on_one_rank_only(digitgrid, mixed_data, steps=30) > 0
     run_dir = tmp_path / "run"
     recipe = write_recipe(

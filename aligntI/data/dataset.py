@@ -172,7 +172,7 @@ class LlavaDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Pads a list of samples; guarantees every batch runs the vision tower (ZeRO-3, ENGINEERING §4d).
+    """Pads a list of samples; guarantees every batch runs the vision tower (ZeRO-3).
 
     A batch with no image gets one all-zero dummy image whose tokens sit after the last real token of
     row 0 with ``attention_mask`` 0 and no labels: no real token can attend to them (causal order and

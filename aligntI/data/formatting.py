@@ -1,4 +1,4 @@
-"""Conversation → token ids and the position masks every loss needs (SPEC §2).
+"""Conversation → token ids and the position masks every loss needs.
 
 The text is rendered by the processor's chat template, never by string surgery. To know which
 characters came from which message, the template is rendered once more with each message replaced by
@@ -236,7 +236,7 @@ class ConversationEncoder:
         return ids[index], index
 
     def _truncate(self, enc: Encoded) -> Encoded:
-        """Cut to at most ``max_length`` where the kept part ends on a response token (SPEC §2)."""
+        """Cut to at most ``max_length`` where the kept part ends on a response token."""
         limit = self.max_length
         cut = limit
         while cut > 0 and not enc.response_mask[cut - 1]:

@@ -1,6 +1,6 @@
 """Where do the models look? Instruction→vision attention maps of a teacher and its students, as pictures.
 
-For a few fixed samples, each model's focus α (SPEC §3: the attention of one decoder layer from the
+For a few fixed samples, each model's focus α (the attention of one decoder layer from the
 instruction tokens to the vision tokens, averaged over heads and instruction positions, renormalised over
 the vision tokens) is reshaped to the vision encoder's patch grid and drawn over the image the model saw.
 The teacher is read at its IVA layer (an explicit layer or the ``chosen_layer`` of an ``irs.json``), each

@@ -1,4 +1,4 @@
-"""Instruction-aware Vision Alignment pieces (SPEC §3, §4): the instruction-to-vision focus α, the IVA
+"""Instruction-aware Vision Alignment pieces: the instruction-to-vision focus α, the IVA
 weights built from it, and the KL between two foci for ``iva.mode: attention``.
 
 Masks are bool; padded entries of the inputs may hold anything and are never read into a result.
@@ -20,7 +20,7 @@ def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
 
 def instruction_to_vision_focus(probs: torch.Tensor, inst_valid: torch.Tensor,
                                  vis_valid: torch.Tensor) -> torch.Tensor:
-    """SPEC §3's α ``[B, V]``: attention from instruction queries to vision keys of one layer.
+    """The paper's α ``[B, V]``: attention from instruction queries to vision keys of one layer.
 
     ``probs`` [B, H, I, V] are probabilities normalised over the whole key row. Mean over heads and valid
     instruction positions, zero on invalid vision columns, renormalised to sum 1 over the valid ones.

@@ -1,4 +1,4 @@
-"""Token-level distillation divergences on already-selected logit rows ``[N, V]`` (SPEC §4, §6).
+"""Token-level distillation divergences on already-selected logit rows ``[N, V]`` (KD and IVA).
 
 Everything is computed in fp32 on log-softmax outputs. ``weighted_divergence_sum`` is the entry point for
 training: it drops zero-weight rows and processes the rest in checkpointed chunks, so no more than one

@@ -1,4 +1,4 @@
-"""Start-up checks that a teacher and a student can be distilled together (SPEC §2).
+"""Start-up checks that a teacher and a student can be distilled together.
 
 KD compares the two models position by position and logit by logit, so both must read the same token ids,
 the same rendered prompt and the same image-token layout. A mismatch does not crash: it silently trains

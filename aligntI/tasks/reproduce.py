@@ -42,7 +42,7 @@ class Method:
     key: str
     label: str
     recipe: str
-    paper: float | None  # SPEC §7 component ablation: Qwen2.5-0.5B student, average of the six benchmarks
+    paper: float | None  # the paper's component ablation: Qwen2.5-0.5B student, average of the six benchmarks
     temperatures: tuple[float, ...] = ()  # more than one: chosen on the validation split
 
     @property

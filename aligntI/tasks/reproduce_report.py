@@ -212,7 +212,7 @@ def format_markdown(summary: dict, attention: dict, minutes: float) -> str:
         f"Teacher: SigLIP h64/L2 + Qwen2 h128/L4, SFT {p['teacher_steps']} steps on 30k samples: test exact match "
         f"**{t['all']:.1f}**. Students: the teacher's frozen SigLIP + Qwen2 h64/L2, 3k training samples, "
         f"{p['student_steps']} steps, seeds 0-{p['seeds'] - 1} (initial weights and data order). Test: 1000 held-out "
-        f"questions. Paper: Qwen2.5-0.5B student, average of the six benchmarks (SPEC §7).",
+        f"questions. Paper: Qwen2.5-0.5B student, average of the six benchmarks.",
         "",
         f"Wall time on {summary['cores']} CPU cores: teacher {w['teacher']:.1f} min (2 ranks), {w['student_jobs']} student "
         f"jobs {w['students']:.1f} min ({summary['slots']} side by side, {summary['ranks_per_job']} rank each), test "
