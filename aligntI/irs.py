@@ -50,21 +50,26 @@ def collect_focus(forward, model, loader, device, dtype, show_progress: bool = T
 
 
 def pair_mask(images: list[str], pairing: str) -> torch.Tensor:
+    """``[N, N]`` bool: which ordered pairs of the calibration samples IRS compares; at least one, or the
+    calibration settings cannot measure anything (a :class:`ConfigError` saying which to change)."""
     n = len(images)
     mask = ~torch.eye(n, dtype=torch.bool)
     if pairing == "same_image":
         ids = {name: i for i, name in enumerate(dict.fromkeys(images))}
         key = torch.tensor([ids[name] for name in images])
         mask &= key[:, None] == key[None, :]
+    if not mask.any():
+        if n < 2:
+            raise ConfigError(f"irs: {n} calibration samples have an image and instruction tokens; IRS compares "
+                              "pairs of them, so it needs at least 2 (irs.data / --data of aligntI irs)")
+        raise ConfigError(f"irs.pairing: same_image, but no two of the {n} calibration samples share an image, so "
+                          "IRS has no pairs to compare; use pairing any, or more samples (irs.samples; "
+                          "--pairing/--samples of aligntI irs)")
     return mask
 
 
 def irs_scores(focus: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """``focus`` [layers, N, V], ``pairs`` [N, N] bool (which ordered pairs count) → IRS per layer."""
-    if int(pairs.sum()) == 0:
-        raise ConfigError(f"irs.pairing: same_image, but no two of the {focus.shape[1]} calibration samples share an "
-                          "image, so IRS has no pairs to compare; use pairing any, or more samples (irs.samples; "
-                          "--pairing/--samples of aligntI irs)")
+    """``focus`` [layers, N, V], ``pairs`` [N, N] bool from :func:`pair_mask` → IRS per layer."""
     unit = F.normalize(focus.double(), dim=-1)
     cos = unit @ unit.transpose(1, 2)
     return 1 - (cos * pairs).sum((1, 2)) / pairs.sum()

@@ -36,6 +36,12 @@ def test_same_image_pairing_only_compares_questions_on_one_image():
         irs_scores(focus, pair_mask(["a", "b", "c", "d"], "same_image"))
 
 
+def test_fewer_than_two_usable_samples_is_a_config_error_for_any_pairing():
+    for pairing in ("any", "same_image"):
+        with pytest.raises(ConfigError, match="1 calibration samples have an image and instruction tokens"):
+            pair_mask(["a"], pairing)
+
+
 def test_ties_go_to_the_shallower_layer():
     assert choose_layer(torch.tensor([0.1, 0.4, 0.4, 0.2], dtype=torch.float64)) == 1
     assert "1  0.4000  <- IVA layer" in format_table([0.1, 0.4, 0.4, 0.2], 1)

@@ -593,12 +593,9 @@ def _read_tsv(path: Path) -> list[dict]:
     old = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # base64 images are far longer than csv's default 128 KiB field
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t"))
+        return list(csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t"))
     except csv.Error as e:
         raise DataError(path, f"not a readable TSV ({e})") from e
-    except UnicodeDecodeError as e:
-        raise DataError(path, f"not valid UTF-8 at byte {e.start}; save the file as UTF-8") from None
     finally:
         csv.field_size_limit(old)
 
