@@ -128,9 +128,12 @@ def layout_from_env(env: dict) -> NodeLayout:
     return NodeLayout(job_id, nodes, node_rank, procs_per_node(env), port)
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # what the printed command runs; main runs it in-process
+
+
 def torchrun_command(layout: NodeLayout, program: list[str]) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        *TORCHRUN,
         "--nnodes", str(len(layout.nodes)),
         "--nproc_per_node", str(layout.procs_per_node),
         "--rdzv_id", str(layout.job_id),
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{layout.master_addr}:{layout.master_port}\n[aligntI.slurm] {shlex.join(cmd)}", flush=True)
     if dry_run:
         return 0
-    return run_torchrun(cmd[3:], layout.node_rank)
+    return run_torchrun(cmd[len(TORCHRUN):], layout.node_rank)
 
 
 def run_torchrun(args: list[str], node_rank: int) -> int:
