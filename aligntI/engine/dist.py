@@ -1,0 +1,81 @@
+"""Distributed start-up and the few collectives the loops use.
+
+:func:`init_distributed` works under the ``deepspeed`` launcher, ``torchrun`` (also when SLURM launches it) and
+a bare ``python`` process (it fills the five variables DeepSpeed needs).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Start (or join) the process group and pick this rank's device."""
+    if "RANK" not in os.environ:  # bare `python`: one process
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if accel.device_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    if accel.device_name() == "cuda":
+        device = torch.device("cuda", local_rank)
+    else:
+        # Ranks on one machine share its cores; without this each would start one thread per core.
+        # An explicit OMP_NUM_THREADS (e.g. jobs run side by side) is the user's split and wins.
+        if "OMP_NUM_THREADS" not in os.environ:
+            local_size = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+        device = torch.device("cpu")
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    torch.distributed.barrier()
+
+
+def destroy() -> None:
+    """End the process group through DeepSpeed, which also drops the groups it cached (a stale one would break
+    the next run started in the same process)."""
+    if torch.distributed.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
