@@ -1,4 +1,5 @@
-"""`aligntI reproduce` end to end at a few steps, and the rules it relies on (skips, temperature choice, report)."""
+"""`recipes/mini/reproduce.py` end to end at a few steps, and the rules it relies on (skips, temperature choice,
+report)."""
 
 import json
 import subprocess
@@ -9,10 +10,12 @@ import pytest
 from conftest import launch_env
 from PIL import Image
 
-from aligntI.tasks.reproduce import METHODS, Job
-from aligntI.tasks.reproduce_report import fixed_samples, mean_std, paired_difference
-
 REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "recipes" / "mini" / "reproduce.py"
+sys.path.insert(0, str(DRIVER.parent))  # what running the driver as a script does
+
+from reproduce import METHODS, Job  # noqa: E402
+from reproduce_report import fixed_samples, mean_std, paired_difference  # noqa: E402
 
 
 def test_a_job_is_skipped_only_when_finished_with_the_same_settings(tmp_path):
@@ -47,9 +50,9 @@ def test_heatmap_questions_are_the_first_of_each_type(tmp_path):
 
 def test_reproduce_runs_every_row_over_seeds_and_reports(tmp_path):
     out = tmp_path / "repro"
-    cmd = [sys.executable, "-m", "aligntI.cli", "reproduce", "--seeds", "2", "--steps", "3", "--teacher-steps", "4",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=1200)
+    cmd = [sys.executable, str(DRIVER), "--seeds", "2", "--steps", "3", "--teacher-steps", "4", "--out", str(out)]
+    # Run from elsewhere: the driver finds the repository from its own path, never from the working directory.
+    proc = subprocess.run(cmd, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     res = json.loads((out / "results.json").read_text())
     assert [r["key"] for r in res["rows"]] == [m.key for m in METHODS]

@@ -6,13 +6,15 @@ writes exactly as they load a hub checkpoint, so every code path downstream is t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
+    AutoTokenizer,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -27,7 +29,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from aligntI.config import ConfigError
+from aligntI.config import ConfigError, from_dict
 from aligntI.data.formatting import IMAGE_PLACEHOLDER, load_chat_template
 
 TEXT_CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}
@@ -174,3 +176,14 @@ def write_model_dir(out_dir: str | Path, spec: TinyModelSpec, tokenizer, vision_
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def init_model_dir(spec_path: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *,
+                   vision_from: str | Path | None = None, seed: int | None = None) -> tuple[Path, TinyModelSpec]:
+    """Save a random model of the spec YAML ``spec_path`` (``seed`` replaces the spec's) with the tokenizer of
+    ``tokenizer_dir``, as :func:`write_model_dir`; returns the directory and the spec."""
+    spec = from_dict(TinyModelSpec, yaml.safe_load(Path(spec_path).read_text()) or {})
+    if seed is not None:
+        spec = replace(spec, seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return write_model_dir(out_dir, spec, tokenizer, vision_from=vision_from), spec

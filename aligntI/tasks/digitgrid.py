@@ -247,3 +247,19 @@ def write_digitgrid(
     }
     (out / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def write_digitgrid_with_tokenizer(out_dir, *, train_size: int = 30000, val_size: int = 500, test_size: int = 1000,
+                                   seed: int = 1234, progress: bool = True):
+    """Write DigitGrid (:func:`write_digitgrid`) and, in ``out_dir/tokenizer``, a word-level tokenizer trained on
+    its text; returns the metadata and the tokenizer."""
+    from aligntI.models.builder import wordlevel_tokenizer
+
+    meta = write_digitgrid(out_dir, train_size=train_size, val_size=val_size, test_size=test_size, seed=seed,
+                           progress=progress)
+    records = json.loads(Path(out_dir, "train.json").read_text())
+    # The role words come from the chat template; everything else from the task's own text.
+    corpus = ["USER: ASSISTANT:"] + [t["value"].replace("<image>", " ") for r in records for t in r["conversations"]]
+    tokenizer = wordlevel_tokenizer(corpus)
+    tokenizer.save_pretrained(Path(out_dir, "tokenizer"))
+    return meta, tokenizer

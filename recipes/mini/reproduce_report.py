@@ -87,10 +87,8 @@ def fixed_samples(data: Path, per_category: int) -> list[int]:
 
 def summarise(repro, scores: dict[str, list[dict]]) -> dict:
     """Everything the report shows, as plain data (also written to results.json)."""
-    from aligntI.tasks.reproduce import METHODS
-
     rows = []
-    for m in METHODS:
+    for m in repro.methods:
         per_seed = scores[m.key]
         label = m.label + (f" (T={repro.temperature:g})" if m.temperatures else "")
         rows.append({
@@ -118,10 +116,9 @@ def summarise(repro, scores: dict[str, list[dict]]) -> dict:
 def attention_study(repro, out: Path) -> dict:
     """How close each student's attention is to the teacher's at the IVA layer, and the heat-maps."""
     from aligntI.eval.attention_maps import compute_attention_maps, resolve_layers, write_attention_maps
-    from aligntI.tasks.reproduce import DATA
 
     irs = repro.runs["align_ti"][0] / "irs.json"
-    test = DATA / "test.json"
+    test = repro.data / "test.json"
     teacher = repro.teacher_dir / "final"
     # Closeness over many questions: every seed of every row, and the students before training.
     models = {"teacher": teacher}

@@ -1,5 +1,10 @@
 """The paper's component table in miniature, on the CPU example: every row over several seeds, one command.
 
+    python recipes/mini/reproduce.py [--quick] [--seeds N] [--steps N] [--teacher-steps N] [--ranks-per-job N]
+                                     [--out DIR]
+
+Run as a script, so that its folder is on ``sys.path`` and ``reproduce_report`` beside it imports.
+
 Teacher SFT once (both cores), then each student row (SFT, vanilla KD at its best temperature, uniform visual
 KD, +IVA, +TPA, Align-TI) for every seed through ``recipes/train.py``: real DeepSpeed engines, a frozen
 teacher engine, the rows' own recipes under ``recipes/mini/`` with the overrides written in each job's
@@ -17,6 +22,7 @@ interrupted reproduction continues where it stopped (each run also resumes from 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -27,14 +33,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reproduce_report import evaluate_model_dir, write_report
 from tqdm import tqdm
 
+from aligntI.models.builder import init_model_dir
+from aligntI.tasks.digitgrid import write_digitgrid_with_tokenizer
+
+# The recipes name their data and DS JSON relative to the repository: the training jobs run in REPO.
 REPO = Path(__file__).resolve().parents[2]
-DATA = Path("data/digitgrid")
-CATEGORIES = ("pos", "read", "sum", "odd")
+DATA = REPO / "data" / "digitgrid"
+MODELS = REPO / "recipes" / "mini" / "models"
 # The zero2 JSON: a student of 87K trainable parameters gains nothing from ZeRO-3's per-module gathers,
 # which cost 2-4x the step on gloo; the losses are the same (the ZeRO-3 paths are what the tests run).
-ENGINE = ["engine.ds_config=ds_configs/zero2.json", "engine.zero_stage=2", "data.num_workers=0"]
+ENGINE = ["engine.ds_config=ds_configs/zero2.json", "data.num_workers=0"]
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,8 @@ class Reproduction:
     preset: Preset
     ranks_per_job: int = 1
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+    methods: tuple[Method, ...] = METHODS
+    data: Path = DATA
     runs: dict[str, list[Path]] = field(default_factory=dict)  # method key -> run dirs of the reported seeds
     temperature: float | None = None  # vanilla KD's chosen temperature
     sweep: dict[float, list[float]] = field(default_factory=dict)  # temperature -> validation accuracies
@@ -193,22 +206,17 @@ class Reproduction:
     # -- preparation ----------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        from aligntI.cli import main as cli
-
-        if not (REPO / DATA / "tokenizer").is_dir():
-            cli(["digitgrid", "--out", str(DATA)])
+        if not (self.data / "tokenizer").is_dir():
+            write_digitgrid_with_tokenizer(self.data)
         teacher_init = self.out / "init" / "teacher"
         if not (teacher_init / "config.json").is_file():
-            cli(["init-model", "--spec", "recipes/mini/models/teacher.yaml", "--tokenizer", str(DATA / "tokenizer"),
-                 "--out", str(teacher_init)])
+            init_model_dir(MODELS / "teacher.yaml", self.data / "tokenizer", teacher_init)
 
     def make_student_init(self, seed: int) -> None:
-        from aligntI.cli import main as cli
-
         path = self.student_init(seed)
         if not (path / "config.json").is_file():
-            cli(["init-model", "--spec", "recipes/mini/models/student.yaml", "--tokenizer", str(DATA / "tokenizer"),
-                 "--vision-from", str(self.teacher_dir / "final"), "--seed", str(seed), "--out", str(path)])
+            init_model_dir(MODELS / "student.yaml", self.data / "tokenizer", path,
+                           vision_from=self.teacher_dir / "final", seed=seed)
 
     # -- jobs -----------------------------------------------------------------------------------------
 
@@ -224,7 +232,7 @@ class Reproduction:
         overrides = [
             f"run_dir={run_dir}", f"seed={seed}", f"model.path={self.student_init(seed)}",
             f"train.max_steps={self.preset.student_steps}", f"train.micro_batch_size={32 // self.ranks_per_job}",
-            f"eval.data={DATA / 'val.json'}", *ENGINE,
+            f"eval.data={self.data / 'val.json'}", *ENGINE,
         ]
         if method.needs_teacher:
             overrides.append(f"teacher.path={self.teacher_dir / 'final'}")
@@ -238,7 +246,7 @@ class Reproduction:
         """Every row and seed; the vanilla-KD sweep first, so its choice is known while the rest run."""
         seeds = range(self.preset.seeds)
         sweep_seeds = range(min(self.preset.sweep_seeds, self.preset.seeds))
-        kd = next(m for m in METHODS if m.temperatures)
+        kd = next(m for m in self.methods if m.temperatures)
         sweep_jobs = [self.student_job(kd, s, t) for s in sweep_seeds for t in kd.temperatures]
         pending = {job.name for job in sweep_jobs}
 
@@ -260,7 +268,7 @@ class Reproduction:
         for job in sweep_jobs:
             job.after = sweep_done
             scheduler.add(job)
-        for method in METHODS:
+        for method in self.methods:
             if method.temperatures:
                 continue
             self.runs[method.key] = [self.run_dir(method, s) for s in seeds]
@@ -284,10 +292,8 @@ class Reproduction:
         """Test exact match of the teacher and every reported student, in this process."""
         import torch
 
-        from aligntI.tasks.reproduce_report import evaluate_model_dir
-
         torch.set_num_threads(self.cores)
-        test = DATA / "test.json"
+        test = self.data / "test.json"
         scores = {"teacher": [evaluate_model_dir(self.teacher_dir / "final", test)]}
         for key, dirs in tqdm(list(self.runs.items()), desc="test", dynamic_ncols=True):
             scores[key] = [evaluate_model_dir(d / "final", test) for d in dirs]
@@ -296,17 +302,15 @@ class Reproduction:
 
 def reproduce(*, quick: bool = False, out: str | None = None, seeds: int | None = None, steps: int | None = None,
               teacher_steps: int | None = None, ranks_per_job: int = 1) -> str:
-    """Train everything that is not already done, evaluate, write the report; returns results.md's text."""
-    from aligntI.tasks.reproduce_report import write_report
-
+    """Train everything that is not already done, evaluate, write the report; returns results.md's text.
+    ``out``: relative to the working directory (default: ``runs/mini/reproduce[_quick]`` in the repository)."""
     base = PRESETS["quick" if quick else "default"]
     seeds = seeds or base.seeds
     preset = Preset(seeds=seeds, student_steps=steps or base.student_steps,
                     teacher_steps=teacher_steps or base.teacher_steps, sweep_seeds=min(base.sweep_seeds, seeds),
                     heatmap_samples=base.heatmap_samples)
-    os.chdir(REPO)
-    repro = Reproduction(out=Path(out or ("runs/mini/reproduce_quick" if quick else "runs/mini/reproduce")),
-                         preset=preset, ranks_per_job=ranks_per_job)
+    default = REPO / "runs" / "mini" / ("reproduce_quick" if quick else "reproduce")
+    repro = Reproduction(out=Path(out).resolve() if out else default, preset=preset, ranks_per_job=ranks_per_job)
     repro.train_all()
     start = time.monotonic()  # training time comes from the jobs' records (they may span several invocations)
     scores = repro.evaluate_all()
@@ -314,3 +318,23 @@ def reproduce(*, quick: bool = False, out: str | None = None, seeds: int | None 
     print(text, flush=True)
     print(f"[reproduce] wrote {repro.out / 'results.md'}, results.json, results.png and attention_maps/", flush=True)
     return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="the paper's component table in miniature on the CPU example: teacher, "
+                                            "every row over seeds, results.md/png, attention heat-maps")
+    p.add_argument("--quick", action="store_true",
+                   help="the short preset: teacher 1000 steps, 2 seeds, 200 student steps (under 10 min)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/mini/reproduce[_quick])")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's, 5)")
+    p.add_argument("--steps", type=int, default=None, help="student steps (default: the preset's, 800)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: the preset's, 3000)")
+    p.add_argument("--ranks-per-job", type=int, default=1,
+                   help="ranks of each student job; cores // ranks jobs run side by side (default 1)")
+    args = p.parse_args(argv)
+    reproduce(quick=args.quick, out=args.out, seeds=args.seeds, steps=args.steps, teacher_steps=args.teacher_steps,
+              ranks_per_job=args.ranks_per_job)
+
+
+if __name__ == "__main__":
+    main()
