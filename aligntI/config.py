@@ -1,28 +1,25 @@
-"""Recipe schema: nested dataclasses loaded strictly from YAML plus ``dotted.key=value`` overrides.
+"""Recipe schema: the nested dataclasses of a training recipe, the checks of its DeepSpeed JSON and the batch
+arithmetic.
 
-Unknown keys, wrong types and inconsistent values raise :class:`ConfigError` naming the file and the
-key. Nothing here mutates what the user wrote: derived values (gradient accumulation, world size) are
-computed in :func:`resolve_batching`, which needs the world size and so runs after distributed start-up.
+Loading is :mod:`aligntI.yamlconf`'s (strict: unknown keys, wrong types and inconsistent values raise
+:class:`ConfigError` naming the file and the key). Nothing here mutates what the user wrote: derived values
+(gradient accumulation, world size) are computed in :func:`resolve_batching`, which needs the world size and
+so runs after distributed start-up.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from aligntI.yamlconf import ConfigError, load, read_utf8
+from aligntI.yamlconf import dump_yaml as dump_yaml  # re-exported: the package imports these from here
+from aligntI.yamlconf import from_dict as from_dict
 
 TRAINABLE_PARTS = ("vision_tower", "projector", "llm")
-
-
-class ConfigError(ValueError):
-    """A recipe is malformed: the message names the file and the key."""
 
 
 @dataclass
@@ -145,13 +142,14 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    ds_config: str  # JSON under ds_configs/: ZeRO and communication settings
-    zero_stage: Literal[0, 1, 2, 3] = 3  # must agree with the JSON; stated here so a recipe reads alone
+    ds_config: str  # JSON under ds_configs/: ZeRO (its stage too) and communication settings
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 
 @dataclass
 class EvalConfig:
+    """Exact match of greedy answers on a LLaVA file: a recipe's ``eval:``, or ``aligntI eval --data``."""
+
     data: str
     images: str | None = None
     max_new_tokens: int = 16
@@ -159,41 +157,10 @@ class EvalConfig:
     max_samples: int | None = None
     category_key: str = "category"  # record field that per-category accuracy groups by
 
-
-@dataclass
-class BenchmarkConfig:
-    """One benchmark of an evaluation recipe, in LLaVA's evaluation-file layout (aligntI/eval/benchmarks.py)."""
-
-    name: Literal["gqa", "sqa_img", "textvqa", "pope", "mme", "mmbench"]
-    data: str  # the question file
-    images: str | None = None  # image folder (MMBench: inside the TSV)
-    annotations: str | None = None  # references when the question file has none (GQA/SQA/TextVQA/POPE/MME)
-    max_samples: int | None = None  # the first N questions
-
-
-@dataclass
-class EvalRecipe:
-    """``aligntI eval --config``: one exported model on several benchmarks, one score table."""
-
-    model: str
-    benchmarks: list[BenchmarkConfig]
-    out: str | None = None  # default: <model>/eval
-    chat_template: str | None = None  # default: the processor's (saved with the model)
-    batch_size: int = 16  # per rank
-    max_new_tokens: int = 128  # LLaVA's evaluation default
-    attn: str = "sdpa"  # text attention backend (flash_attention_2 on GPU)
-    zero3: bool = False  # partition the model over the ranks (ZeRO-3, synchronised generation)
-
-    def validate(self) -> None:
-        names = [b.name for b in self.benchmarks]
-        if not names:
-            raise ConfigError("benchmarks: empty; list at least one")
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ConfigError(f"benchmarks: {dup[0]} is listed twice")
+    def validate(self, where: str = "eval") -> None:
         for key in ("batch_size", "max_new_tokens"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"{where}.{key}: must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -345,14 +312,17 @@ class RecipeConfig:
         self.optim.validate()
         self.train.validate()
         ds = check_ds_config(self.engine)
+        if self.eval is not None:
+            self.eval.validate()
         distill_sections = ("loss", "kd", "iva", "tpa", "irs")
         if self.teacher is None:
             given = [k for k in distill_sections if getattr(self, k) is not None]
             if given:
                 raise ConfigError(f"{given[0]}: distillation settings need a teacher (add a teacher: section)")
             return
-        if self.teacher.offload_params and ds.get("zero_optimization", {}).get("stage", 0) != 3:
-            raise ConfigError("teacher.offload_params: needs ZeRO-3 (engine.zero_stage: 3)")
+        if self.teacher.offload_params and zero_stage(ds) != 3:
+            raise ConfigError(f"teacher.offload_params: needs ZeRO-3, but {self.engine.ds_config} "
+                              f"(engine.ds_config) has zero_optimization.stage {zero_stage(ds)}")
         # Defaults are filled in so the resolved config.yaml shows every value in effect.
         self.loss = self.loss or LossWeights()
         self.kd = self.kd or KDConfig()
@@ -365,22 +335,26 @@ class RecipeConfig:
             raise ConfigError("loss: every weight is 0; nothing would train")
 
 
+def zero_stage(ds: dict) -> int:
+    """The ZeRO stage of a DeepSpeed config (DeepSpeed's default: 0)."""
+    return ds.get("zero_optimization", {}).get("stage", 0)
+
+
 def check_ds_config(engine: EngineConfig) -> dict:
-    """Load the DeepSpeed JSON and reject what belongs to the recipe or disagrees with it."""
+    """Load the DeepSpeed JSON and reject what belongs to the recipe or what DeepSpeed would not take."""
     path = Path(engine.ds_config)
     if not path.is_file():
         raise ConfigError(f"engine.ds_config: file not found: {path}")
     try:
-        ds = json.loads(_read_utf8(path))
+        ds = json.loads(read_utf8(path))
     except json.JSONDecodeError as err:
         raise ConfigError(f"engine.ds_config: {path} is not valid JSON: {err}") from err
     if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization", {}), dict):
         raise ConfigError(f"engine.ds_config: {path} must be a JSON object (with zero_optimization an object)")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage != engine.zero_stage:
-        raise ConfigError(
-            f"engine.zero_stage: recipe says {engine.zero_stage} but {path} has zero_optimization.stage={stage}"
-        )
+    stage = zero_stage(ds)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine.ds_config: {path} has zero_optimization.stage {stage!r}; ZeRO's stages are "
+                          "0, 1, 2 and 3")
     # One source of truth: batch sizes, optimizer and schedule come from the recipe.
     owned = ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
              "optimizer", "scheduler"]
@@ -401,235 +375,10 @@ def _walk(d: Any, prefix: str = ""):
         yield prefix, d
 
 
-# ---------------------------------------------------------------- strict loading
-
-
 def load_recipe(path: str | Path, overrides: list[str] | None = None, schema: type = RecipeConfig):
-    """Read a YAML recipe (with its ``base:`` files), apply ``a.b=value`` overrides, substitute ``${vars}``,
-    build and validate the typed config."""
-    path = Path(path)
-    raw = read_composed(path)
-    try:
-        for item in overrides or []:
-            try:
-                apply_override(raw, item)
-            except yaml.YAMLError as err:
-                raise ConfigError(f"override {item!r}: the value is not valid YAML{_yaml_problem(err)}") from None
-            except (TypeError, AttributeError):  # the dotted path runs through a scalar
-                raise ConfigError(f"override {item!r}: the key goes through a value that is not a mapping") \
-                    from None
-        raw = substitute_vars(raw)
-        cfg = from_dict(schema, raw)
-        cfg.validate()
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    return cfg
-
-
-def read_composed(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    """A YAML mapping merged over its ``base:`` files (paths relative to it, applied in order; the file wins).
-
-    Mappings merge key by key; lists and scalars replace. ``vars`` merge like any mapping, so a recipe
-    overrides only the variables it names.
-    """
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}" + (f" (base of {chain[-1]})" if chain else ""))
-    if path.resolve() in chain:
-        raise ConfigError(f"{path}: base cycle: {' -> '.join(map(str, (*chain, path.resolve())))}")
-    try:
-        raw = yaml.safe_load(_read_utf8(path))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(err)}") from err
-    if not isinstance(raw, dict):
-        got = "the file is empty" if raw is None else f"got {type(raw).__name__} {str(raw)[:40]!r}"
-        raise ConfigError(f"{path}: the top level must be a mapping of keys; {got}")
-    bases = raw.pop("base", None) or []
-    bases = [bases] if isinstance(bases, str) else bases
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"{path}: base: expected a path or a list of paths, got {bases!r}")
-    merged: dict = {}
-    for base in bases:
-        merged = _merge(merged, read_composed(path.parent / base, (*chain, path.resolve())))
-    return _merge(merged, raw)
-
-
-def _read_utf8(path: Path) -> str:
-    """A config file's text; one that is not UTF-8 or cannot be read is a ConfigError naming it."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not valid UTF-8 at byte {err.start}; save it as UTF-8") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot be read: {err.strerror or err}") from None
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """A YAML error in one line, to follow "not valid YAML": `` at line L, column C: what (context)``."""
-    mark = getattr(err, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ": "
-    what = " ".join(str(getattr(err, "problem", None) or err).split())
-    context = getattr(err, "context", None)
-    return where + what + (f" ({context})" if context else "")
-
-
-def _merge(under: dict, over: dict) -> dict:
-    out = dict(under)
-    for key, value in over.items():
-        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merge(out[key], value) if both_maps else value
-    return out
-
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def substitute_vars(raw: dict) -> dict:
-    """Replace ``${name}`` in every string by ``vars.name``; the ``vars`` mapping itself is then dropped.
-
-    Variables may use other variables. A string that is exactly ``${name}`` takes the variable's type.
-    """
-    variables = raw.get("vars") or {}
-    if not isinstance(variables, dict):
-        raise ConfigError(f"vars: expected a mapping of names to values, got {variables!r}")
-    for name, value in variables.items():
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"vars.{name}: expected a string or a number, got {value!r}")
-
-    def resolve(value: Any, key: str, seen: tuple[str, ...] = ()) -> Any:
-        if isinstance(value, dict):
-            return {k: resolve(v, f"{key}.{k}" if key else str(k), seen) for k, v in value.items()}
-        if isinstance(value, list):
-            return [resolve(v, f"{key}.{i}", seen) for i, v in enumerate(value)]
-        if not isinstance(value, str):
-            return value
-
-        def lookup(name: str) -> Any:
-            if name not in variables:
-                raise ConfigError(f"{key}: unknown variable ${{{name}}} (vars defines {sorted(variables)})")
-            if name in seen:
-                raise ConfigError(f"vars.{name}: refers to itself through {' -> '.join((*seen, name))}")
-            return resolve(variables[name], f"vars.{name}", (*seen, name))
-
-        whole = _VAR.fullmatch(value)
-        if whole:
-            return lookup(whole.group(1))
-        return _VAR.sub(lambda m: str(lookup(m.group(1))), value)
-
-    return {k: resolve(v, k) for k, v in raw.items() if k != "vars"}
-
-
-def apply_override(raw: dict, item: str) -> None:
-    """Set ``a.b.0.c=value`` in a nested dict/list; the value is parsed as YAML (``1e-3``, ``[1, 2]``, ``null``)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected dotted.key=value")
-    key, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text else ""
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
-        if isinstance(node, list):
-            node = node[_index(node, part, key)]
-            continue
-        if part not in node or node[part] is None:
-            node[part] = [] if nxt.isdigit() else {}
-        node = node[part]
-    last = parts[-1]
-    if isinstance(node, list):
-        node[_index(node, last, key)] = value
-    else:
-        node[last] = value
-
-
-def _index(node: list, part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"override {key}: {part!r} is not an index of a list of length {len(node)}")
-    return int(part)
-
-
-def from_dict(cls: type, data: Any, where: str = ""):
-    """Build dataclass ``cls`` from ``data``, checking every key and type."""
-    label = where or "<top>"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{label}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"{name}: unknown key (allowed here: {sorted(fields)})")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{where}.{name}" if where else name
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{key}: required key is missing")
-            continue
-        kwargs[name] = _coerce(hints[name], data[name], key)
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _coerce(option, value, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {options}")
-    if origin is Literal:
-        if value not in args or type(value) is not type(next(a for a in args if a == value)):
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        # YAML reads 1e-3 as a string (no dot in the mantissa): accept numeric strings for floats only.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        if not value.strip():  # every string here is a path or a name: empty is never meant
-            raise ConfigError(f"{key}: must not be empty")
-        return value
-    raise TypeError(f"{key}: unsupported schema type {tp!r}")
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def dump_yaml(cfg, path: str | Path, extra: dict | None = None) -> None:
-    """Write the fully resolved config (plus derived values) so a run documents itself."""
-    payload = to_dict(cfg)
-    if extra:
-        payload["resolved"] = extra
-    Path(path).write_text(yaml.safe_dump(payload, sort_keys=False))
+    """A training recipe (or another ``schema``) read strictly from YAML, with its ``base:`` files,
+    ``a.b=value`` overrides and ``${vars}``, then validated."""
+    return load(path, overrides, schema)
 
 
 @dataclass(frozen=True)

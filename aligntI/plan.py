@@ -16,9 +16,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aligntI.config import Batching, ConfigError, DataConfig, RecipeConfig, load_recipe, resolve_batching
+from aligntI.config import (
+    Batching,
+    ConfigError,
+    DataConfig,
+    RecipeConfig,
+    load_recipe,
+    resolve_batching,
+    zero_stage,
+)
 
 GIB = 2**30
+GPU_MEMORY_GIB = 80.0  # per-GPU memory a plan is checked against (an 80 GB A100/H100); --gpu-memory-gib
 ADAM_BYTES = 12  # fp32 master copy + m + v per trainable parameter
 DEFAULT_PREFETCH_BUCKET = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default
 TARGET_DEVICE = "cuda"  # a plan is for the GPU run, wherever it is printed
@@ -125,7 +134,7 @@ def _zero(ds_config: dict) -> tuple[dict, int, bool, bool]:
     def off(key: str) -> bool:
         return (zero.get(key) or {}).get("device", "none") not in ("none", None)
 
-    return zero, zero.get("stage", 0), off("offload_param"), off("offload_optimizer")
+    return zero, zero_stage(ds_config), off("offload_param"), off("offload_optimizer")
 
 
 def _layer_elements(hidden: int, kv_dim: int, intermediate: int) -> int:
@@ -366,7 +375,7 @@ def world_size_of(world_size: int | None, environ=None) -> tuple[int, str]:
 
 
 def make_plan(recipe: str | Path, overrides: list[str] | None = None, *, world_size: int | None = None,
-              gpu_memory_gib: float = 80.0, train_samples: int | None = None, environ=None) -> Plan:
+              gpu_memory_gib: float = GPU_MEMORY_GIB, train_samples: int | None = None, environ=None) -> Plan:
     """Everything a run of ``recipe`` would set up, without weights or a process group."""
     from aligntI.engine import build_ds_config, latest_complete_checkpoint, teacher_ds_config
 

@@ -100,7 +100,7 @@ def write_recipe(path: Path, model_dir: Path, data_dir: Path, run_dir: Path, ds_
                  "max_length": 64, "num_workers": 0},
         "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup_ratio": 0.1},
         "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 12, "save_every": 0},
-        "engine": {"ds_config": ds_config, "zero_stage": 3},
+        "engine": {"ds_config": ds_config},
     }
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value

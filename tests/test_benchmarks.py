@@ -15,23 +15,22 @@ from aligntI.eval.benchmarks import (
     BENCHMARKS,
     LETTER_PROMPT,
     SHORT_ANSWER_PROMPT,
-    TITLES,
     BenchItem,
+    gqa,
     load_benchmark,
+    mmbench,
+    mme,
+    pope,
+    sqa_img,
+    textvqa,
 )
-from aligntI.eval.scoring import (
-    BenchScore,
-    extract_option_letter,
-    format_markdown,
-    normalize_vqa_answer,
-    parse_gqa_answer,
-    parse_mme_answer,
-    parse_pope_answer,
-    parse_sqa_letter,
-    score_benchmark,
-    score_table,
-    vqa_soft_score,
-)
+from aligntI.eval.benchmarks.gqa import parse_gqa_answer
+from aligntI.eval.benchmarks.mmbench import extract_option_letter
+from aligntI.eval.benchmarks.mme import parse_mme_answer
+from aligntI.eval.benchmarks.pope import parse_pope_answer
+from aligntI.eval.benchmarks.sqa_img import parse_sqa_letter
+from aligntI.eval.benchmarks.textvqa import normalize_vqa_answer, vqa_soft_score
+from aligntI.eval.scoring import BenchScore, format_markdown, score_benchmark, score_table
 
 SUFFIX = "\n" + SHORT_ANSWER_PROMPT
 
@@ -66,9 +65,13 @@ def by_id(items):
 
 
 def test_registry():
-    assert BENCHMARKS == ("gqa", "sqa_img", "textvqa", "pope", "mme", "mmbench")
-    assert list(TITLES) == list(BENCHMARKS)
-    assert TITLES["mme"] == "MME-P/20" and TITLES["pope"] == "POPE-F1"
+    assert list(BENCHMARKS) == ["gqa", "sqa_img", "textvqa", "pope", "mme", "mmbench"]  # the table's column order
+    modules = (gqa, sqa_img, textvqa, pope, mme, mmbench)
+    assert [m.BENCHMARK for m in modules] == list(BENCHMARKS.values())  # each module holds its own entry
+    assert all(name == bench.name for name, bench in BENCHMARKS.items())
+    assert [b.title for b in BENCHMARKS.values()] == ["GQA", "SQA-IMG", "TextVQA", "POPE-F1", "MME-P/20", "MMB-dev"]
+    assert [name for name, b in BENCHMARKS.items() if not b.folders] == ["mmbench"]  # images and answers in its TSV
+    assert BenchScore("mme", 1.0, {}, 1).title == "MME-P/20" and BenchScore("vqav2", 1.0, {}, 1).title == "vqav2"
 
 
 # ------------------------------------------------------------------------------------- EvalAI normalisation

@@ -6,7 +6,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aligntI.config import ConfigError, EvalRecipe, RecipeConfig, from_dict, load_recipe, resolve_batching
+from aligntI.config import (
+    ConfigError,
+    RecipeConfig,
+    check_ds_config,
+    from_dict,
+    load_recipe,
+    resolve_batching,
+    zero_stage,
+)
+from aligntI.eval.recipe import load_eval_recipe
 from aligntI.models.builder import TinyModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,7 +26,7 @@ BASE = {
     "data": {"train": [{"path": "d.json"}]},
     "optim": {"lr": 1e-3},
     "train": {"global_batch_size": 32, "micro_batch_size": 4, "max_steps": 10},
-    "engine": {"ds_config": str(REPO / "ds_configs" / "zero3.json"), "zero_stage": 3},
+    "engine": {"ds_config": str(REPO / "ds_configs" / "zero3.json")},
 }
 
 
@@ -55,7 +64,7 @@ def test_unknown_key_is_named(tmp_path, patch, key):
     ({"train": {**BASE["train"], "micro_batch_size": 4.5}}, "train.micro_batch_size", "expected an integer"),
     ({"model": {"path": "m", "activation_checkpointing": "yes"}}, "model.activation_checkpointing", "true/false"),
     ({"data": {"train": [{"path": "d.json"}], "padding_side": "middle"}}, "data.padding_side", "not one of"),
-    ({"engine": {**BASE["engine"], "zero_stage": "3"}}, "engine.zero_stage", "not one of"),
+    ({"engine": {**BASE["engine"], "precision": "fp16"}}, "engine.precision", "not one of"),
     ({"optim": {"lr": "fast"}}, "optim.lr", "expected a number"),
     ({"data": {"train": {"path": "d.json"}}}, "data.train", "expected a list"),
     ({"model": {"path": " "}}, "model.path", "must not be empty"),
@@ -78,10 +87,23 @@ def test_inconsistent_values(tmp_path):
     assert "optim.warmup_ratio" in error_of(tmp_path, {**BASE, "optim": {"lr": 1e-3, "warmup_ratio": 1.5}})
 
 
-def test_zero_stage_must_match_ds_json(tmp_path):
-    engine = {"ds_config": str(REPO / "ds_configs" / "zero2.json"), "zero_stage": 3}
-    msg = error_of(tmp_path, {**BASE, "engine": engine})
-    assert "engine.zero_stage" in msg and "zero_optimization.stage=2" in msg
+def test_the_zero_stage_comes_from_the_ds_json(tmp_path):
+    stated = {**BASE, "engine": {**BASE["engine"], "zero_stage": 3}}
+    assert "engine.zero_stage: unknown key" in error_of(tmp_path, stated)
+    # The teacher's offload needs ZeRO-3: a ZeRO-2 JSON is refused, naming the JSON and its stage.
+    offload = {"path": "t", "offload_params": True}
+    zero2 = str(REPO / "ds_configs" / "zero2.json")
+    msg = error_of(tmp_path, {**BASE, "engine": {"ds_config": zero2}, "teacher": offload})
+    assert f"teacher.offload_params: needs ZeRO-3, but {zero2} (engine.ds_config) has zero_optimization.stage 2" in msg
+    assert load_recipe(write(tmp_path, {**BASE, "teacher": offload})).teacher.offload_params  # zero3.json
+    for stage in ("3", 4, True):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+        msg = error_of(tmp_path, {**BASE, "engine": {"ds_config": str(path)}})
+        assert f"{path} has zero_optimization.stage {stage!r}; ZeRO's stages are 0, 1, 2 and 3" in msg
+    path.write_text(json.dumps({"gradient_clipping": 1.0}))  # no zero_optimization: DeepSpeed's stage 0
+    cfg = load_recipe(write(tmp_path, {**BASE, "engine": {"ds_config": str(path)}}))
+    assert zero_stage(check_ds_config(cfg.engine)) == 0
 
 
 def test_ds_json_may_not_own_recipe_keys(tmp_path):
@@ -90,7 +112,7 @@ def test_ds_json_may_not_own_recipe_keys(tmp_path):
     ds["train_batch_size"] = 16
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
-    msg = error_of(tmp_path, {**BASE, "engine": {"ds_config": str(path), "zero_stage": 3}})
+    msg = error_of(tmp_path, {**BASE, "engine": {"ds_config": str(path)}})
     assert "optimizer" in msg and "train_batch_size" in msg
 
 
@@ -99,7 +121,7 @@ def test_ds_json_auto_values_rejected(tmp_path):
     ds["zero_optimization"]["stage3_prefetch_bucket_size"] = "auto"
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
-    msg = error_of(tmp_path, {**BASE, "engine": {"ds_config": str(path), "zero_stage": 3}})
+    msg = error_of(tmp_path, {**BASE, "engine": {"ds_config": str(path)}})
     assert "zero_optimization.stage3_prefetch_bucket_size is 'auto'" in msg
 
 
@@ -160,7 +182,7 @@ def test_every_recipe_yaml_validates_and_documents_itself(path, monkeypatch):
     if path.parent.name == "models":
         from_dict(TinyModelSpec, yaml.safe_load(path.read_text()))
     elif path.parent.name == "eval":
-        load_recipe(path, schema=EvalRecipe)
+        load_eval_recipe(path)
     else:
         load_recipe(path)
 
@@ -220,7 +242,7 @@ def test_distillation_sections_need_a_teacher(tmp_path, patch, fragment):
     ({"tpa": {"max_positions": 0}}, "tpa.max_positions: must be >= 1"),
     ({"tpa": {"d": 4}}, "tpa.d: unknown key"),
     ({"teacher": {"path": "t", "offload_params": True},
-      "engine": {"ds_config": str(REPO / "ds_configs" / "zero2.json"), "zero_stage": 2}},
+      "engine": {"ds_config": str(REPO / "ds_configs" / "zero2.json")}},
      "teacher.offload_params: needs ZeRO-3"),
 ])
 def test_distillation_errors_name_the_key(tmp_path, patch, fragment):
@@ -303,7 +325,7 @@ def test_recipe_that_does_not_parse_is_one_line_naming_the_file(tmp_path, text, 
 def test_ds_json_that_does_not_parse_names_the_file(tmp_path, text, fragment):
     ds = tmp_path / "ds.json"
     ds.write_bytes(text)
-    message = error_of(tmp_path, {**BASE, "engine": {"ds_config": str(ds), "zero_stage": 3}})
+    message = error_of(tmp_path, {**BASE, "engine": {"ds_config": str(ds)}})
     assert str(ds) in message and fragment in message, message
 
 

@@ -131,7 +131,7 @@ def test_single_process_zero2_attention_mode(tmp_path, tiny_model, tiny_student,
     """ZeRO-2 student (the teacher then runs as a whole replica) with IVA aligning attention maps directly."""
     recipe = distill_recipe(
         tmp_path, "run", tiny_student, tiny_model, digitgrid, str(REPO / "ds_configs" / "zero2.json"),
-        engine={"zero_stage": 2}, iva={"layer": "auto", "mode": "attention"}, kd={"divergence": "reverse_kl"},
+        iva={"layer": "auto", "mode": "attention"}, kd={"divergence": "reverse_kl"},
         train={"max_steps": 3, "global_batch_size": 4},
     )
     proc = launch(["recipes/train.py", "--config", str(recipe)], launcher="python")
@@ -148,7 +148,7 @@ def test_tpa_candidate_sources_train(tmp_path, tiny_model, tiny_student, digitgr
     """The reviewers' ablations: candidates from the teacher or from ground-truth bigrams (single process, ZeRO-2)."""
     recipe = distill_recipe(
         tmp_path, "run", tiny_student, tiny_model, digitgrid, str(REPO / "ds_configs" / "zero2.json"),
-        engine={"zero_stage": 2}, loss={"iva": 0.0}, tpa={"source": source, "candidates": 2, "max_positions": 1},
+        loss={"iva": 0.0}, tpa={"source": source, "candidates": 2, "max_positions": 1},
         train={"max_steps": 3, "global_batch_size": 4},
     )
     proc = launch(["recipes/train.py", "--config", str(recipe)], launcher="python")

@@ -1,15 +1,15 @@
 """`aligntI eval --bench/--config`: generation wired to the scorers, outputs, the table, ranks and ZeRO-3."""
 
 import json
-import typing
 
 import pytest
 import torch
 from conftest import launch
 
-from aligntI.cli import main
-from aligntI.config import BenchmarkConfig
+from aligntI.cli import build_parser, main
+from aligntI.config import ConfigError
 from aligntI.eval.benchmarks import BENCHMARKS, SHORT_ANSWER_PROMPT
+from aligntI.eval.recipe import BenchmarkConfig, EvalRecipe
 
 SPLITS = ("adversarial", "popular", "random")
 # Labels per split (yes = positive). A random tiny model never says the words "no"/"not" (the DigitGrid
@@ -17,8 +17,27 @@ SPLITS = ("adversarial", "popular", "random")
 LABELS = {"adversarial": ["yes", "no", "no"], "popular": ["yes", "yes", "no"], "random": ["no", "yes", "yes"]}
 
 
-def test_config_knows_the_same_benchmarks():
-    assert typing.get_args(typing.get_type_hints(BenchmarkConfig)["name"]) == BENCHMARKS
+def test_recipe_and_cli_know_the_registry_benchmarks():
+    for name in BENCHMARKS:
+        EvalRecipe("m", [BenchmarkConfig(name, "q.jsonl")]).validate()
+    with pytest.raises(ConfigError) as info:
+        EvalRecipe("m", [BenchmarkConfig("gqa", "q.jsonl"), BenchmarkConfig("vqa", "q.jsonl")]).validate()
+    assert str(info.value) == f"benchmarks.1.name: 'vqa' is not one of {list(BENCHMARKS)}"
+    for name in BENCHMARKS:
+        assert build_parser().parse_args(["eval", "--bench", name]).bench == name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--bench", "vqa"])
+
+
+def test_bench_flags_fill_the_recipe_and_leave_its_defaults(monkeypatch):
+    import aligntI.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "evaluate_recipe", lambda recipe: seen.append(recipe) or 0)
+    assert main(["eval", "--model", "m", "--bench", "pope", "--data", "q.jsonl"]) == 0
+    assert seen[-1] == EvalRecipe("m", [BenchmarkConfig("pope", "q.jsonl")])
+    assert main(["eval", "--model", "m", "--bench", "pope", "--data", "q.jsonl", "--batch-size", "4"]) == 0
+    assert (seen[-1].batch_size, seen[-1].max_new_tokens) == (4, EvalRecipe.max_new_tokens)
 
 
 def write_pope(root, digitgrid):

@@ -87,7 +87,7 @@ def test_every_metric_reaches_tensorboard_and_wandb_across_a_resume(tmp_path, ti
     run_dir = tmp_path / "run"
     recipe = write_recipe(
         tmp_path / "r.yaml", tiny_model, digitgrid, run_dir, str(REPO / "ds_configs" / "zero2.json"),
-        engine={"zero_stage": 2}, train={"max_steps": 4, "global_batch_size": 4},
+        train={"max_steps": 4, "global_batch_size": 4},
         logging={"tensorboard": True, "wandb": True, "wandb_project": "tracker-test"},
     )
     run_dir.mkdir()
@@ -182,7 +182,7 @@ def test_off_by_default_and_nothing_imported(tmp_path, monkeypatch):
 ])
 def test_the_logging_section_is_strict(tmp_path, override, message):
     recipe = write_recipe(tmp_path / "r.yaml", tmp_path, tmp_path, tmp_path / "run",
-                          str(REPO / "ds_configs" / "zero2.json"), engine={"zero_stage": 2})
+                          str(REPO / "ds_configs" / "zero2.json"))
     assert load_recipe(recipe).logging == LoggingConfig()
     with pytest.raises(ConfigError, match=message):
         load_recipe(recipe, [override])

@@ -148,7 +148,7 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path, tiny_model, dig
 def test_single_process_zero2_with_python(tmp_path, tiny_model, digitgrid):
     recipe = write_recipe(
         tmp_path / "r.yaml", tiny_model, digitgrid, tmp_path / "run", str(REPO / "ds_configs" / "zero2.json"),
-        engine={"zero_stage": 2}, train={"max_steps": 3, "global_batch_size": 4},
+        train={"max_steps": 3, "global_batch_size": 4},
     )
     launch(["recipes/train.py", "--config", str(recipe), "train.micro_batch_size=2"], launcher="python")
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
@@ -159,7 +159,7 @@ def test_stop_request_checkpoints_and_the_same_command_resumes(tmp_path, tiny_mo
     """What slurm/*.sh do on SLURM's preemption warning: ``run_dir/stop_request`` -> checkpoint, stop, resume."""
     recipe = write_recipe(
         tmp_path / "r.yaml", tiny_model, digitgrid, tmp_path / "run", str(REPO / "ds_configs" / "zero2.json"),
-        engine={"zero_stage": 2}, train={"max_steps": 3, "global_batch_size": 4},
+        train={"max_steps": 3, "global_batch_size": 4},
     )
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "stop_request").touch()

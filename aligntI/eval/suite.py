@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aligntI.config import BenchmarkConfig, EvalRecipe
 from aligntI.eval.benchmarks import BENCHMARKS, load_benchmark
 from aligntI.eval.generation import Prompt, gather_answers, generate_answers
+from aligntI.eval.recipe import BenchmarkConfig, EvalRecipe
 from aligntI.eval.scoring import BenchScore, format_markdown, score_benchmark, score_table
 
 
