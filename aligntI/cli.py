@@ -1,54 +1,19 @@
-"""The ``aligntI`` command: ``train``, ``plan``, ``irs``, ``digitgrid``, ``init-model``, ``assemble``, ``export``, ``eval``,
-``attention-maps``, ``reproduce``."""
+"""The ``aligntI`` command: ``plan``, ``irs``, ``digitgrid``, ``init-model``, ``assemble``, ``export``, ``eval``,
+``attention-maps``."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
-import traceback
-from dataclasses import replace
 from pathlib import Path
 
-from aligntI.config import ConfigError, IRSConfig, from_dict, load_recipe
-from aligntI.data.records import DataError
-from aligntI.models.compat import IncompatibleModelsError
-from aligntI.models.loading import ModelDirError
-
-
-def cmd_train(args) -> int:
-    if args.dry_run:
-        return print_plan(args.config, args.overrides)
-    cfg = load_recipe(args.config, args.overrides)
-    if cfg.teacher is not None:
-        from aligntI.training.distill import DistillRecipe as Recipe
-    else:
-        from aligntI.training.sft import SFTRecipe as Recipe
-    Recipe.run(cfg, args.overrides)
-    return 0
-
-
-def print_plan(config: str, overrides: list[str], world_size: int | None = None, gpu_memory_gib: float = 80.0,
-               train_samples: int | None = None) -> int:
-    """The recipe's plan (batching, steps, DeepSpeed configs, memory estimate); no weights, no process group.
-
-    Under a launcher only rank 0 prints; the other ranks exit 0 at once.
-    """
-    import os
-
-    if os.environ.get("RANK", "0") != "0":
-        return 0
-    from aligntI.plan import format_plan, make_plan
-
-    plan = make_plan(config, overrides, world_size=world_size, gpu_memory_gib=gpu_memory_gib,
-                     train_samples=train_samples)
-    print(format_plan(plan), flush=True)
-    return 0
+from aligntI.config import ConfigError, IRSConfig
+from aligntI.errors import run_reporting_errors
 
 
 def cmd_plan(args) -> int:
+    from aligntI.plan import print_plan
+
     return print_plan(args.config, args.overrides, args.world_size, args.gpu_memory_gib, args.train_samples)
 
 
@@ -63,16 +28,18 @@ def cmd_irs(args) -> int:
     from aligntI.irs import compute_irs, format_table, write_report
     from aligntI.models.loading import load_model, load_processor
 
+    irs = IRSConfig(samples=args.samples, pairing=args.pairing, data=args.data, images=args.images)
+    irs.validate()  # the checks of a recipe's irs: section
     install()
     dist = ds.init_distributed()
     dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
     processor = load_processor(args.model)
     model = load_model(args.model, AttentionConfig(args.attn, "sdpa"), dtype).to(dist.device).eval()
-    data = DataConfig(train=[DataSource(args.data, images=args.images)], chat_template=args.chat_template,
+    data = DataConfig(train=[DataSource(irs.data, images=irs.images)], chat_template=args.chat_template,
                       max_length=args.max_length, num_workers=1)
-    loader = build_sequential_loader(processor, data, batch_size=args.batch_size, sample=args.samples,
+    loader = build_sequential_loader(processor, data, batch_size=args.batch_size, sample=irs.samples,
                                      seed=args.seed, rank=dist.rank, world_size=dist.world_size)
-    report = compute_irs(model, model, loader, dist.device, dtype, args.pairing, dist.is_main, args.model)
+    report = compute_irs(model, model, loader, dist.device, dtype, irs.pairing, dist.is_main, args.model)
     if dist.is_main:
         out = Path(args.out) if args.out else Path(args.model) / "irs"
         write_report(out, report)
@@ -86,16 +53,10 @@ def cmd_irs(args) -> int:
 
 def cmd_digitgrid(args) -> int:
     """Write the CPU example's dataset and a word-level tokenizer trained on its text."""
-    from aligntI.models.builder import wordlevel_tokenizer
-    from aligntI.tasks.digitgrid import write_digitgrid
+    from aligntI.tasks.digitgrid import write_digitgrid_with_tokenizer
 
-    meta = write_digitgrid(args.out, train_size=args.train_size, val_size=args.val_size,
-                           test_size=args.test_size, seed=args.seed)
-    records = json.loads(Path(args.out, "train.json").read_text())
-    # The role words come from the chat template; everything else from the task's own text.
-    corpus = ["USER: ASSISTANT:"] + [t["value"].replace("<image>", " ") for r in records for t in r["conversations"]]
-    tokenizer = wordlevel_tokenizer(corpus)
-    tokenizer.save_pretrained(Path(args.out, "tokenizer"))
+    meta, tokenizer = write_digitgrid_with_tokenizer(args.out, train_size=args.train_size, val_size=args.val_size,
+                                                     test_size=args.test_size, seed=args.seed)
     print(f"DigitGrid: {meta['sizes']} samples in {args.out}; tokenizer of {len(tokenizer)} tokens in "
           f"{Path(args.out, 'tokenizer')}")
     return 0
@@ -103,26 +64,11 @@ def cmd_digitgrid(args) -> int:
 
 def cmd_init_model(args) -> int:
     """Build a randomly initialised LLaVA model from a spec YAML and save it with its processor."""
-    import yaml
-    from transformers import AutoTokenizer
+    from aligntI.models.builder import init_model_dir
 
-    from aligntI.models.builder import TinyModelSpec, write_model_dir
-
-    spec = from_dict(TinyModelSpec, yaml.safe_load(Path(args.spec).read_text()) or {})
-    if args.seed is not None:
-        spec = replace(spec, seed=args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    out = write_model_dir(args.out, spec, tokenizer, vision_from=args.vision_from)
+    out, spec = init_model_dir(args.spec, args.tokenizer, args.out, vision_from=args.vision_from, seed=args.seed)
     copied = f" with the vision tower of {args.vision_from}" if args.vision_from else ""
     print(f"wrote a random {spec.text.family}/{spec.vision.family} LLaVA model{copied} to {out}")
-    return 0
-
-
-def cmd_reproduce(args) -> int:
-    from aligntI.tasks.reproduce import reproduce
-
-    reproduce(quick=args.quick, out=args.out, seeds=args.seeds, steps=args.steps, teacher_steps=args.teacher_steps,
-              ranks_per_job=args.ranks_per_job)
     return 0
 
 
@@ -147,12 +93,12 @@ def cmd_assemble(args) -> int:
 
 def cmd_eval(args) -> int:
     """Benchmarks (``--bench`` or ``--config``) or exact match on a LLaVA-format file, one process or many."""
-    from aligntI.config import BenchmarkConfig, EvalRecipe
+    from aligntI.eval.recipe import BenchmarkConfig, EvalRecipe, load_eval_recipe
 
     if args.config:
         if args.model or args.data or args.bench:
             raise ConfigError("eval: give --config (an evaluation recipe) or --model/--data, not both")
-        return evaluate_recipe(load_recipe(args.config, args.overrides, schema=EvalRecipe))
+        return evaluate_recipe(load_eval_recipe(args.config, args.overrides))
     if not args.model or not args.data:
         raise ConfigError("eval: --model and --data are required (or --config)")
     if args.overrides:
@@ -161,13 +107,17 @@ def cmd_eval(args) -> int:
         recipe = EvalRecipe(
             model=args.model, benchmarks=[BenchmarkConfig(args.bench, args.data, args.images, args.annotations,
                                                           args.max_samples)],
-            out=args.out, chat_template=args.chat_template, batch_size=args.batch_size or 16,
-            max_new_tokens=args.max_new_tokens or 128, attn=args.attn, zero3=args.zero3)
+            out=args.out, chat_template=args.chat_template, attn=args.attn, zero3=args.zero3, **_given(args))
         recipe.validate()
         return evaluate_recipe(recipe)
     if args.annotations or args.zero3:
         raise ConfigError("eval: --annotations and --zero3 apply to --bench/--config evaluations")
     return evaluate_exact_match_file(args)
+
+
+def _given(args) -> dict:
+    """--batch-size / --max-new-tokens as given; the others keep the defaults of the dataclass they fill."""
+    return {k: getattr(args, k) for k in ("batch_size", "max_new_tokens") if getattr(args, k) is not None}
 
 
 def load_eval_model(path: str, attn: str, zero3: bool, dist):
@@ -190,7 +140,7 @@ def evaluate_recipe(recipe) -> int:
     from aligntI import engine as ds
     from aligntI.config import DataConfig, DataSource
     from aligntI.data.loader import build_encoder
-    from aligntI.eval.benchmarks import TITLES
+    from aligntI.eval.benchmarks import BENCHMARKS
     from aligntI.eval.suite import evaluate_benchmark, write_table
     from aligntI.models.loading import load_processor
 
@@ -204,7 +154,7 @@ def evaluate_recipe(recipe) -> int:
         score = evaluate_benchmark(model, processor, encoder, bench, recipe, out, device=dist.device,
                                    rank=dist.rank, world_size=dist.world_size)
         if score is not None:
-            print(f"[aligntI] {TITLES[bench.name]}: {score.score:.2f} ({score.n} questions) -> "
+            print(f"[aligntI] {BENCHMARKS[bench.name].title}: {score.score:.2f} ({score.n} questions) -> "
                   f"{out / (bench.name + '_answers.jsonl')}", flush=True)
     if dist.is_main:
         print(write_table(out, recipe.model), flush=True)
@@ -216,20 +166,23 @@ def evaluate_recipe(recipe) -> int:
 def evaluate_exact_match_file(args) -> int:
     """Greedy generation + exact match against the last turn of each record (e.g. the CPU example)."""
     from aligntI import engine as ds
-    from aligntI.config import DataConfig, DataSource
+    from aligntI.config import DataConfig, DataSource, EvalConfig
     from aligntI.data.loader import build_encoder
     from aligntI.eval.generation import evaluate_exact_match, load_eval_items
     from aligntI.models.loading import load_processor
 
+    ev = EvalConfig(data=args.data, images=args.images, max_samples=args.max_samples,
+                    category_key=args.category_key, **_given(args))
+    ev.validate()
     dist = ds.init_distributed()
     processor = load_processor(args.model)
     model = load_eval_model(args.model, args.attn, False, dist)
-    data = DataConfig(train=[DataSource(args.data)], chat_template=args.chat_template, max_length=10**9)
-    items = load_eval_items(args.data, args.images, args.category_key, args.max_samples)
+    data = DataConfig(train=[DataSource(ev.data)], chat_template=args.chat_template, max_length=10**9)
+    items = load_eval_items(ev.data, ev.images, ev.category_key, ev.max_samples)
     evaluate_exact_match(
-        model, processor, build_encoder(processor, data), items, batch_size=args.batch_size or 64,
-        max_new_tokens=args.max_new_tokens or 16, device=dist.device, rank=dist.rank, world_size=dist.world_size,
-        out_dir=Path(args.out) if args.out else Path(args.model) / "eval", name=Path(args.data).stem,
+        model, processor, build_encoder(processor, data), items, batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens, device=dist.device, rank=dist.rank, world_size=dist.world_size,
+        out_dir=Path(args.out) if args.out else Path(args.model) / "eval", name=Path(ev.data).stem,
         title=args.model,
     )
     ds.destroy()
@@ -322,24 +275,20 @@ def cmd_attention_maps(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from aligntI.config import EvalConfig, RecipeConfig
     from aligntI.eval.benchmarks import BENCHMARKS
+    from aligntI.eval.recipe import EvalRecipe
+    from aligntI.plan import GPU_MEMORY_GIB
 
     parser = argparse.ArgumentParser(prog="aligntI", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train from a recipe YAML (run it under deepspeed/torchrun for >1 rank)")
-    p.add_argument("--config", required=True, help="recipe YAML")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (as `aligntI plan`) and exit: no weights, no process group, no run dir")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plan", help="a recipe's batching, steps, DeepSpeed configs and per-GPU memory estimate "
                                     "(no weights loaded)")
     p.add_argument("--config", required=True, help="recipe YAML")
     p.add_argument("--world-size", type=int, default=None, help="ranks of the run (default: $WORLD_SIZE, else 1)")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default: 80)")
+    p.add_argument("--gpu-memory-gib", type=float, default=GPU_MEMORY_GIB,
+                   help=f"memory of one GPU (default: {GPU_MEMORY_GIB:g})")
     p.add_argument("--train-samples", type=int, default=None,
                    help="samples per epoch, instead of counting the data files (e.g. before they are downloaded)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
@@ -351,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
     p.add_argument("--samples", type=int, default=IRSConfig.samples,
                    help="a random sample of N records of --data (all of them if fewer; the same count per rank)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    p.add_argument("--seed", type=int, default=RecipeConfig.seed,
+                   help=f"seed of the sample (default: {RecipeConfig.seed}, as in a recipe)")
     p.add_argument("--pairing", choices=["any", "same_image"], default=IRSConfig.pairing)
     p.add_argument("--chat-template", default=None, help="template name or .jinja (default: the processor's)")
     p.add_argument("--attn", default="sdpa", help="text attention backend")
@@ -376,18 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the random weights (default: the spec's)")
     p.set_defaults(func=cmd_init_model)
 
-    p = sub.add_parser("reproduce", help="the paper's component table in miniature on the CPU example: teacher, "
-                                         "every row over seeds, results.md/png, attention heat-maps")
-    p.add_argument("--quick", action="store_true",
-                   help="the short preset: teacher 1000 steps, 2 seeds, 200 student steps (under 10 min)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/mini/reproduce[_quick])")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's, 5)")
-    p.add_argument("--steps", type=int, default=None, help="student steps (default: the preset's, 800)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: the preset's, 3000)")
-    p.add_argument("--ranks-per-job", type=int, default=1,
-                   help="ranks of each student job; cores // ranks jobs run side by side (default 1)")
-    p.set_defaults(func=cmd_reproduce)
-
     p = sub.add_parser("assemble", help="the starting LLaVA model from a SigLIP/CLIP checkpoint and an LLM "
                                         "checkpoint (random projector), with its processor")
     p.add_argument("--vision", required=True, help="SigLIP or CLIP checkpoint directory (full model or vision "
@@ -410,20 +348,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="evaluation recipe YAML (recipes/eval/): model + benchmarks")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the --config recipe")
     p.add_argument("--model", default=None, help="HF model directory (e.g. a run's final/)")
-    p.add_argument("--bench", default=None, choices=BENCHMARKS,
+    p.add_argument("--bench", default=None, choices=list(BENCHMARKS),
                    help="score --data with this benchmark's conventions (LLaVA's evaluation files)")
     p.add_argument("--data", default=None, help="question file; without --bench: LLaVA-format JSON/JSONL whose "
                                                 "last turn is the reference (exact match)")
     p.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
     p.add_argument("--annotations", default=None, help="--bench: reference file or folder when the question "
-                                                       "file has no answers (see recipes/eval/README.md)")
+                                                       "file has no answers (layout: recipes/README.md, Evaluation)")
     p.add_argument("--chat-template", default=None, help="template name or .jinja (default: the processor's)")
-    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--attn", default=EvalRecipe.attn)
     p.add_argument("--zero3", action="store_true", help="partition the model over the ranks (ZeRO-3)")
-    p.add_argument("--batch-size", type=int, default=None, help="per rank (default 16 with --bench, else 64)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default 128 with --bench, else 16")
+    # None: the default of the dataclass filled, EvalRecipe (--bench) or EvalConfig (exact match).
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"per rank (default {EvalRecipe.batch_size} with --bench, else {EvalConfig.batch_size})")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {EvalRecipe.max_new_tokens} with --bench, else {EvalConfig.max_new_tokens}")
     p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--category-key", default="category", help="exact match: record field to group accuracy by")
+    p.add_argument("--category-key", default=EvalConfig.category_key,
+                   help="exact match: record field to group accuracy by")
     p.add_argument("--out", default=None, help="output folder (default: <model>/eval)")
     p.set_defaults(func=cmd_eval)
 
@@ -455,74 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DEBUG_ENV = "ALIGNTI_DEBUG"  # =1: a reported error also prints its traceback
-BAD_INPUT = ((ConfigError, "config error: "), (DataError, "data error: "), (ModelDirError, "model error: "),
-             (IncompatibleModelsError, ""))
-SIBLING_WAIT_S = 10.0  # far longer than a launcher takes to end every rank once one has exited (0.1-1 s)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Bad input (recipe, data, model directory, a path that cannot be read or written) ends it
-    with one line on stderr, exit code 2.
-
-    Under a launcher every rank runs this. Rank 0 reports at once; any other rank first waits
-    ``SIBLING_WAIT_S``, in which the launcher ends it if rank 0 has exited: an error every rank meets (a
-    recipe key, a model path, the data check before training) is printed once, one that only this rank met
-    still is. A rank whose collective fails because a peer exited waits the same way, then says so (exit 1).
-    """
+    """Run one command; bad input ends it with one line on stderr, exit code 2 (aligntI/errors.py)."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except tuple(cls for cls, _ in BAD_INPUT) as err:
-        label = next(label for cls, label in BAD_INPUT if isinstance(err, cls))
-        return report(err, f"{label}{err}", 2)
-    except OSError as err:
-        if err.filename is None:  # not about a path the user gave (a socket, a pipe): a bug until shown otherwise
-            raise
-        other = f" -> {err.filename2}" if err.filename2 is not None else ""
-        return report(err, f"file error: {err.filename}{other}: {err.strerror or err}", 2)
-    except Exception as err:
-        if not lost_peer(err):
-            raise
-        first = (str(err).strip().splitlines() or [""])[0]
-        return report(err, f"stopped: a collective failed ({type(err).__name__}: {first}); when another rank "
-                           "exited first, its message says why", 1, secondary=True)
-
-
-def report(err: Exception, message: str, code: int, secondary: bool = False) -> int:
-    """Print ``message`` for this rank (after the traceback with ``ALIGNTI_DEBUG=1``); see :func:`main`.
-
-    ``secondary``: this rank failed because another one did, so even rank 0 leaves the launcher time first.
-    """
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    if debug:
-        traceback.print_exception(err)
-    elif world > 1 and (rank != 0 or secondary):
-        time.sleep(SIBLING_WAIT_S)
-    where = f" [rank {rank}]" if world > 1 else ""
-    hint = "" if debug else f" ({DEBUG_ENV}=1 shows the traceback)"
-    _close_progress_bars()
-    print(f"aligntI{where}: {message}{hint}", file=sys.stderr, flush=True)
-    return code
-
-
-def _close_progress_bars() -> None:
-    """End the progress bars an error left open mid-line: they would run into the message and redraw after it."""
-    tqdm = sys.modules.get("tqdm")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
-        bar.close()
-
-
-def lost_peer(err: Exception) -> bool:
-    """A collective or the rendezvous store failed in a multi-rank run: usually another rank exited first."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return False
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and isinstance(err, dist.DistError):
-        return True
-    # gloo (CPU runs) raises a plain RuntimeError the moment a peer's socket closes
-    return isinstance(err, RuntimeError) and any(s in str(err) for s in ("closed by peer", "reset by peer"))
+    return run_reporting_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":

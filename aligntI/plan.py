@@ -499,3 +499,19 @@ def format_plan(plan: Plan) -> str:
                      f"(over by {total / GIB - plan.gpu_memory_gib:.2f} GiB; more GPUs, offload, activation "
                      "checkpointing or a smaller micro batch)")
     return "\n".join(lines)
+
+
+def print_plan(config: str, overrides: list[str], world_size: int | None = None,
+               gpu_memory_gib: float | None = None, train_samples: int | None = None) -> int:
+    """Print the recipe's plan (``aligntI plan``, ``recipes/train.py --dry-run``); no weights, no process group.
+
+    ``gpu_memory_gib``: None checks against :data:`GPU_MEMORY_GIB`. Under a launcher only rank 0 prints; the
+    other ranks exit 0 at once.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    plan = make_plan(config, overrides, world_size=world_size,
+                     gpu_memory_gib=GPU_MEMORY_GIB if gpu_memory_gib is None else gpu_memory_gib,
+                     train_samples=train_samples)
+    print(format_plan(plan), flush=True)
+    return 0

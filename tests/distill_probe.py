@@ -17,6 +17,7 @@ import json
 import sys
 
 import torch
+from recipe_scripts import train_script
 from test_tpa_pass import separate_candidate_logits
 
 from aligntI import engine as ds
@@ -25,9 +26,9 @@ from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks.attention import AttentionCapture, decoder_layers, padded_positions
 from aligntI.hooks.transitions import CandidateBatch, PrefixCache
-from aligntI.losses.tpa import draw_candidates
+from aligntI.losses.tpa import draw_candidates, scored_rows
 from aligntI.models.loading import load_model
-from aligntI.training.distill import DistillRecipe, count_response_bigrams, scored_rows
+from aligntI.training.objective import TPADraws, count_response_bigrams
 
 
 def eager_probs(model, batch, layer):
@@ -49,35 +50,36 @@ def plain_copy(path, engine_module):
     return plain
 
 
-def check_tpa(recipe, batch, plain_teacher, plain_student) -> dict:
+def check_tpa(run, batch, plain_teacher, plain_student) -> dict:
     inputs = model_inputs(batch)
     rows = scored_rows(batch["labels"])
     targets = batch["labels"][:, 1:][rows[:, :-1]]
-    t_prefix, s_prefix = PrefixCache(recipe.teacher.module), PrefixCache(recipe.student.module)
-    t_logits = recipe.teacher(**inputs, logits_to_keep=rows, use_cache=False, prefix_cache=t_prefix).logits
-    s_logits = recipe.student(**inputs, logits_to_keep=rows, use_cache=False, prefix_cache=s_prefix).logits
-    mb = {"tpa_rows": rows, "tpa_seed": 1234}
+    objective, student = run.objective, run.student
+    t_prefix, s_prefix = PrefixCache(objective.teacher.module), PrefixCache(student.module)
+    t_logits = objective.teacher(**inputs, logits_to_keep=rows, use_cache=False, prefix_cache=t_prefix).logits
+    s_logits = student(**inputs, logits_to_keep=rows, use_cache=False, prefix_cache=s_prefix).logits
+    draws = TPADraws(rows, 1234)
     out = {"tpa_source_matches": {}}
-    recipe.bigrams = count_response_bigrams(recipe.processor, recipe.cfg, recipe.dist)
+    objective.bigrams = count_response_bigrams(run.processor, run.cfg, run.dist)
     response_tokens = sum(int((b["labels"] != -100).sum()) for b in build_sequential_loader(
-        recipe.processor, recipe.cfg.data, batch_size=64))
-    out["bigram_total"], out["response_tokens"] = recipe.bigrams.total, response_tokens
-    bigram_scores = recipe.bigrams.scores(batch["input_ids"][rows])
+        run.processor, run.cfg.data, batch_size=64))
+    out["bigram_total"], out["response_tokens"] = objective.bigrams.total, response_tokens
+    bigram_scores = objective.bigrams.scores(batch["input_ids"][rows])
     for source, scores in (("student", s_logits), ("teacher", t_logits), ("gt_bigram", bigram_scores)):
-        recipe.cfg.tpa.source = source
-        candidates, weights = recipe.candidates(mb, inputs, rows, targets, t_logits, s_logits)
-        oracle = draw_candidates(scores, targets, recipe.cfg.tpa.candidates, exclude_gt=True,
+        run.cfg.tpa.source = source
+        candidates, weights = objective.candidates(draws, inputs, rows, targets, t_logits, s_logits)
+        oracle = draw_candidates(scores, targets, run.cfg.tpa.candidates, exclude_gt=True,
                                  generator=torch.Generator().manual_seed(1234),
-                                 never=(recipe.processor.image_token_id,))
+                                 never=(run.processor.image_token_id,))
         distinct = all(len(set(c)) == len(c) for c in candidates.tolist())
         out["tpa_source_matches"][source] = bool(torch.equal(candidates, oracle)) and distinct and \
             not (candidates == targets[:, None]).any().item() and bool(torch.allclose(weights.sum(-1), torch.ones(1))) \
-            and not (candidates == recipe.processor.image_token_id).any().item()
+            and not (candidates == run.processor.image_token_id).any().item()
     layout = CandidateBatch(rows, candidates, inputs["attention_mask"], inputs["position_ids"])
-    t_next = layout.in_candidate_order(recipe.teacher(**layout.model_inputs(t_prefix)).logits)
-    s_next = layout.in_candidate_order(recipe.student(**layout.model_inputs(s_prefix)).logits)
-    recipe.student.backward(s_next.float().logsumexp(-1).mean() + s_logits.float().pow(2).mean())
-    recipe.student.engine.zero_grad()
+    t_next = layout.in_candidate_order(objective.teacher(**layout.model_inputs(t_prefix)).logits)
+    s_next = layout.in_candidate_order(student(**layout.model_inputs(s_prefix)).logits)
+    student.backward(s_next.float().logsumexp(-1).mean() + s_logits.float().pow(2).mean())
+    student.engine.zero_grad()
     with torch.no_grad():
         out["tpa_teacher_max_err"] = float((t_next - separate_candidate_logits(plain_teacher, batch, rows,
                                                                                candidates)).abs().max())
@@ -89,14 +91,13 @@ def check_tpa(recipe, batch, plain_teacher, plain_student) -> dict:
 
 def main(recipe_path, probe_data, out_path):
     cfg = load_recipe(recipe_path)
-    recipe = DistillRecipe(cfg)
-    recipe.setup()
-    recipe.train()
+    run = train_script.build(cfg, [])
+    train_script.train(run)
     result = {}
 
     # The teacher: unchanged against a fresh load from disk, and gradient-free.
     fresh = load_model(cfg.teacher.path, AttentionConfig()).state_dict()
-    teacher = recipe.teacher.module
+    teacher = run.objective.teacher.module
     with ds.gathered_parameters(teacher) as params:
         names = [n for n, _ in teacher.named_parameters()]
         result["teacher_max_abs_diff"] = max(float((p.detach() - fresh[n]).abs().max())
@@ -107,31 +108,31 @@ def main(recipe_path, probe_data, out_path):
     # Capture under ZeRO-3 against eager output_attentions of plain copies.
     data = DataConfig(train=[DataSource(probe_data, images="/")], chat_template=cfg.data.chat_template,
                       max_length=64, padding_side=cfg.data.padding_side, num_workers=0)
-    batch = next(iter(build_sequential_loader(recipe.processor, data, batch_size=16)))
+    batch = next(iter(build_sequential_loader(run.processor, data, batch_size=16)))
     masks = [batch[k] for k in ("instruction_mask", "vision_mask", "attention_mask")]
     n_teacher = len(decoder_layers(teacher))
     with AttentionCapture(teacher, list(range(n_teacher)), *masks) as cap:
-        recipe.teacher(**model_inputs(batch), use_cache=False)
+        run.objective.teacher(**model_inputs(batch), use_cache=False)
     plain_teacher = plain_copy(cfg.teacher.path, teacher)
     result["teacher_capture_max_err"] = max(float((cap[i] - eager_probs(plain_teacher, batch, i)).abs().max())
                                             for i in range(n_teacher))
 
-    student = recipe.student.module
+    student = run.student.module
     plain_student = plain_copy(cfg.model.path, student)  # before the step below changes nothing: no optimizer step
-    recipe.student.train()
+    run.student.train()
     assert student.is_gradient_checkpointing, "the probe recipe must enable activation checkpointing"
     n_student = len(decoder_layers(student))
     with AttentionCapture(student, list(range(n_student)), *masks) as cap:
-        logits = recipe.student(**model_inputs(batch), use_cache=False).logits
+        logits = run.student(**model_inputs(batch), use_cache=False).logits
         loss = sum(cap[i].sum() for i in range(n_student)) + logits.float().pow(2).mean()
-        recipe.student.backward(loss)  # recomputes the checkpointed layers (and their captures) in backward
+        run.student.backward(loss)  # recomputes the checkpointed layers (and their captures) in backward
     result["student_capture_max_err"] = max(float((cap[i].detach() - eager_probs(plain_student, batch, i)).abs().max())
                                             for i in range(n_student))
     result["instruction_lengths"] = sorted(set(batch["instruction_mask"].sum(-1).tolist()))
-    recipe.student.engine.zero_grad()
-    result.update(check_tpa(recipe, batch, plain_teacher, plain_student))
-    recipe.finish()
-    if recipe.dist.is_main:
+    run.student.engine.zero_grad()
+    result.update(check_tpa(run, batch, plain_teacher, plain_student))
+    train_script.finish(run)
+    if run.dist.is_main:
         with open(out_path, "w") as f:
             json.dump(result, f)
     ds.destroy()

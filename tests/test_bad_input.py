@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from conftest import REPO, launch, write_recipe
 from PIL import Image
+from recipe_scripts import train_script
 
-from aligntI.cli import lost_peer, main, report
+from aligntI.cli import main
 from aligntI.config import AttentionConfig, DataConfig, DataSource
 from aligntI.data.dataset import LlavaDataset, check_sample, load_sample
 from aligntI.data.loader import build_encoder, build_records, build_train_loader, check_records
 from aligntI.data.records import DataError, MixedRecords, RecordSource
+from aligntI.errors import lost_peer, report
 from aligntI.models.builder import VisionSpec, build_processor
 from aligntI.models.loading import ModelDirError, load_model, load_processor
 
@@ -279,12 +281,12 @@ def test_cli_prints_one_line_and_the_debug_switch_adds_the_traceback(tmp_path, m
     recipe = tmp_path / "r.yaml"
     recipe.write_text("# r\nmodel: {path: m\n")
     expected = f"aligntI: config error: {recipe}: not valid YAML at line 3, column 1: "
-    assert main(["train", "--config", str(recipe)]) == 2
+    assert train_script.main(["--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(expected) and err.endswith(" (ALIGNTI_DEBUG=1 shows the traceback)\n")
     assert err.count("\n") == 1
     monkeypatch.setenv("ALIGNTI_DEBUG", "1")
-    assert main(["train", "--config", str(recipe)]) == 2
+    assert train_script.main(["--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last)") and expected in err
 
@@ -294,7 +296,7 @@ def test_a_path_that_cannot_be_written_or_read_is_one_line(tmp_path, tiny_model,
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, digitgrid, blocker / "run", "ds_configs/zero3_cpu.json")
-    assert main(["train", "--config", str(recipe)]) == 2
+    assert train_script.main(["--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert f"aligntI: file error: {blocker / 'run'}: Not a directory" in err and err.count("\n") == 1, err
     assert main(["export", "--run", str(tmp_path / "nowhere")]) == 2
@@ -312,14 +314,14 @@ def test_the_data_is_checked_before_the_weights_load(tmp_path, tiny_model, digit
     records[3]["conversations"][1]["value"] = ""
     (data / "train.json").write_text(json.dumps(records))
     recipe = write_recipe(tmp_path / "r.yaml", model, data, tmp_path / "run", "ds_configs/zero3_cpu.json")
-    assert main(["train", "--config", str(recipe)]) == 2
+    assert train_script.main(["--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "aligntI: data error: " in err and "record 3" in err and "is empty" in err, err
 
 
 def test_other_ranks_give_the_launcher_time_to_end_them(monkeypatch, capsys):
     waits = []
-    monkeypatch.setattr("aligntI.cli.time.sleep", waits.append)
+    monkeypatch.setattr("aligntI.errors.time.sleep", waits.append)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     assert report(DataError("f.json", "broken"), "data error: f.json: broken", 2) == 2 and waits == []
@@ -344,7 +346,7 @@ def run_recipe(tmp_path, tiny_model, digitgrid, folder):
         data = write_lines(folder / "d.jsonl", records)
         sections["data"] = {"train": [{"path": data}], "num_workers": 0, **sections.get("data", {})}
         recipe = write_recipe(tmp_path / "r.yaml", tiny_model, digitgrid, tmp_path / "run",
-                              str(REPO / "ds_configs" / "zero2.json"), engine={"zero_stage": 2},
+                              str(REPO / "ds_configs" / "zero2.json"),
                               train={"max_steps": 1, "global_batch_size": 4, "micro_batch_size": 1}, **sections)
         return launch(["recipes/train.py", "--config", str(recipe)], launcher=launcher, timeout=timeout,
                       check=False), data

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from conftest import launch, write_recipe
+from recipe_scripts import train_script
 from test_assemble import IMAGE, VISION, qwen_tokenizer
 from test_attention_capture import batch_for, write_mixed
 from test_tpa_pass import candidate_pass, rows_and_candidates, separate_candidate_logits
@@ -80,11 +81,11 @@ def test_every_term_on_every_pair(tower, family, pair_models, digitgrid, tmp_pat
     teacher, student = pair_models[tower, family]
     sft = write_recipe(tmp_path / "sft.yaml", student, digitgrid, tmp_path / "sft", zero3_partitioned,
                        train={"max_steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "save_every": 0})
-    assert main(["train", "--config", str(sft)]) == 0
+    assert train_script.main(["--config", str(sft)]) == 0
     assert all(m["loss"] == m["loss"] and m["loss"] > 0 for m in read_metrics(tmp_path / "sft"))
     for name, sections in VARIANTS:
         recipe = pair_recipe(tmp_path, name, teacher, student, digitgrid, zero3_partitioned, sections)
-        assert main(["train", "--config", str(recipe)]) == 0, name
+        assert train_script.main(["--config", str(recipe)]) == 0, name
         weights = {"sft": 1.0, "kd": 1.0, "iva": 1.0, "tpa": 1.0, **sections.get("loss", {})}
         terms = [term for term, weight in weights.items() if weight > 0]
         metrics = read_metrics(tmp_path / name)
@@ -157,6 +158,6 @@ def test_assembled_clip_llama_pair_runs_align_ti(digitgrid, tmp_path, zero3_part
     assert (config["vision_feature_layer"], config["vision_feature_select_strategy"]) == (-2, "default")
     recipe = pair_recipe(tmp_path, "assembled", models["teacher"], models["student"], digitgrid, zero3_partitioned,
                          dict(iva={"layer": "auto"}, data={"max_length": 160}))
-    assert main(["train", "--config", str(recipe)]) == 0
+    assert train_script.main(["--config", str(recipe)]) == 0
     for m in read_metrics(tmp_path / "assembled"):
         assert all(torch.isfinite(torch.tensor(m[t])) and m[t] > 0 for t in ("sft", "kd", "iva", "tpa")), m

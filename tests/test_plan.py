@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from conftest import REPO, write_recipe, write_tiny_model
+from recipe_scripts import train_script
 
 from aligntI.cli import main
 from aligntI.config import load_recipe, resolve_batching
@@ -101,7 +102,6 @@ def hand_recipe(tmp_path, stage: int, zero_extra: dict | None = None, **sections
     ds.write_text(json.dumps({"zero_optimization": {"stage": stage, **(zero_extra or {})}}))
     data = tmp_path / "d"
     data.mkdir(exist_ok=True)
-    sections["engine"] = {"ds_config": str(ds), "zero_stage": stage, **sections.get("engine", {})}
     path = write_recipe(tmp_path / f"r{stage}.yaml", tmp_path / "model", data, tmp_path / "run", str(ds),
                         **sections)
     return load_recipe(path)
@@ -210,7 +210,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, models, data_dir, 
     import torch.distributed
 
     path = recipe(tmp_path, models, data_dir, distill=True)
-    assert main(["train", "--config", str(path), "--dry-run"]) == 0
+    assert train_script.main(["--config", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "aligntI dry run" in out and "world size    1 (default: one process)" in out
     assert "micro 2 x accumulation 4 x world 1 = global 8" in out
@@ -221,10 +221,10 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, models, data_dir, 
     assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as a launcher sets it
-    assert main(["train", "--config", str(path), "--dry-run", "--local_rank=0"]) == 0
+    assert train_script.main(["--config", str(path), "--dry-run", "--local_rank=0"]) == 0
     assert "micro 2 x accumulation 2 x world 2 = global 8" in capsys.readouterr().out
     monkeypatch.setenv("RANK", "1")  # the other ranks say nothing
-    assert main(["train", "--config", str(path), "--dry-run"]) == 0
+    assert train_script.main(["--config", str(path), "--dry-run"]) == 0
     assert capsys.readouterr().out == ""
     monkeypatch.delenv("RANK")
     assert main(["plan", "--config", str(path), "--world-size", "4", "--gpu-memory-gib", "0.0001"]) == 0
@@ -254,7 +254,7 @@ def test_a_global_batch_that_does_not_divide_names_the_key(tmp_path, models, dat
     assert main(["plan", "--config", str(path), "--world-size", "3"]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "train.global_batch_size: 8 is not divisible" in err and "world size (3)" in err
-    assert main(["train", "--config", str(path), "--dry-run", "train.gradient_accumulation_steps=2"]) == 2
+    assert train_script.main(["--config", str(path), "--dry-run", "train.gradient_accumulation_steps=2"]) == 2
     assert "train.gradient_accumulation_steps: micro_batch_size 2 x gradient_accumulation_steps 2" in \
         capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -3,13 +3,15 @@
 import pytest
 import torch
 from conftest import write_recipe
+from recipe_scripts import train_script
 from test_attention_capture import batch_for, write_mixed
 from transformers import AutoTokenizer
 
 from aligntI.config import load_recipe
 from aligntI.data.dataset import model_inputs
+from aligntI.losses.tpa import scored_rows, tpa_seeds
 from aligntI.models.builder import TextSpec, TinyModelSpec, VisionSpec, write_model_dir
-from aligntI.training.distill import DistillRecipe, scored_rows, tpa_seeds
+from aligntI.training.objective import TPADraws
 
 
 def test_position_and_candidate_streams_are_independent_and_reproducible():
@@ -42,16 +44,14 @@ def test_candidates_are_never_embedding_padding_rows(source, padded_pair, digitg
     recipe_path = write_recipe(tmp_path / "r.yaml", student, digitgrid, tmp_path / "run", zero3_partitioned,
                                teacher={"path": str(teacher)}, loss={"iva": 0.0},
                                tpa={"source": source, "candidates": 4})
-    recipe = DistillRecipe(load_recipe(recipe_path))
-    recipe.setup()
-    assert recipe.shared.size % 64 == 0 and recipe.shared.token_ids == n_tokens < recipe.shared.size
+    objective = train_script.build(load_recipe(recipe_path), []).objective
+    assert objective.shared.size % 64 == 0 and objective.shared.token_ids == n_tokens < objective.shared.size
     batch = batch_for(student, write_mixed(tmp_path, digitgrid), "right")
     rows = scored_rows(batch["labels"])
     targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)[rows]
-    logits = torch.zeros(int(rows.sum()), recipe.shared.size)
+    logits = torch.zeros(int(rows.sum()), objective.shared.size)
     logits[:, n_tokens:] = 30.0  # the padding rows are by far the likeliest "tokens"
-    mb = {"tpa_rows": rows, "tpa_seed": 5}
-    candidates, weights = recipe.candidates(mb, model_inputs(batch), rows, targets, logits, logits)
+    candidates, weights = objective.candidates(TPADraws(rows, 5), model_inputs(batch), rows, targets, logits, logits)
     assert candidates.shape == (int(rows.sum()), 4)
     assert int(candidates.max()) < n_tokens
     assert torch.allclose(weights.sum(-1), torch.ones(1))

@@ -8,8 +8,8 @@ from aligntI.config import AttentionConfig
 from aligntI.data.dataset import model_inputs
 from aligntI.hooks import attention as capture
 from aligntI.hooks.transitions import CandidateBatch, PrefixCache
+from aligntI.losses.tpa import scored_rows
 from aligntI.models.loading import load_model
-from aligntI.training.distill import scored_rows
 
 
 def separate_candidate_logits(model, batch, rows, candidates):

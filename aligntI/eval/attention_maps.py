@@ -133,7 +133,7 @@ def resolve_layers(models: dict[str, str | Path], teacher: str, teacher_layer: i
     ``student_layer`` if given, else the layer at the teacher layer's relative depth (as distillation picks
     ``iva.student_layer``). Out-of-range layers raise ``ValueError`` naming the model.
     """
-    from aligntI.training.distill import relative_depth_layer
+    from aligntI.hooks.modules import relative_depth_layer
 
     if teacher not in models:
         raise ValueError(f"teacher {teacher!r} is not one of the models {list(models)}")

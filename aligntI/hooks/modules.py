@@ -18,3 +18,8 @@ def text_attention_layers(model) -> dict[int, int]:
     finds exactly its modules.
     """
     return {id(layer.self_attn): i for i, layer in enumerate(decoder_layers(model))}
+
+
+def relative_depth_layer(teacher_layer: int, teacher_layers: int, student_layers: int) -> int:
+    """The student layer at the same relative depth (layer centres) as ``teacher_layer``."""
+    return min(student_layers - 1, int((teacher_layer + 0.5) / teacher_layers * student_layers))

@@ -7,6 +7,7 @@ weights summing to 1 for ``weighted_divergence_sum``. ``BigramTable`` is the "gt
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 WEIGHTINGS = ("uniform", "student_prob")
@@ -60,6 +61,21 @@ def candidate_weights(student_logits: torch.Tensor, candidates: torch.Tensor, sc
         return torch.full(candidates.shape, 1.0 / candidates.shape[-1], device=candidates.device)
     # The log-partition cancels in the renormalisation, so a softmax over the d gathered logits is exact.
     return torch.softmax(student_logits.detach().gather(-1, candidates).float(), dim=-1)
+
+
+def scored_rows(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` bool: the positions whose logits predict a response token (the shifted label mask)."""
+    rows = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    rows[:, :-1] = labels[:, 1:] != -100
+    return rows
+
+
+def tpa_seeds(seed: int, step: int, micro_index: int, rank: int) -> tuple[int, int]:
+    """Seeds of TPA's two random streams, (scored positions, candidates), fixed by (recipe seed, step,
+    micro-batch, rank): a resumed run draws the same. Two independent seeds, not one: on the CPU both
+    generators would otherwise replay the same numbers."""
+    positions, candidates = np.random.SeedSequence([seed, step, micro_index, rank]).spawn(2)
+    return tuple(int(s.generate_state(1, np.uint64)[0] >> 1) for s in (positions, candidates))
 
 
 def select_rows(rows: torch.Tensor, max_per_sample: int | None, generator: torch.Generator) -> torch.Tensor:

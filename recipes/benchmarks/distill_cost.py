@@ -7,8 +7,8 @@ Two shapes, each with randomly initialised models written to ``--out`` (costs do
 * ``paper``: the paper's sequence shape at tiny widths: 729 vision tokens (SigLIP, 216 px, patch 8), 64
   instruction words, 128 response words (~930 tokens), teacher Qwen2 h256/L4, student h128/L2.
 
-Every variant runs in its own single-rank process (so peak memory is its own) through the real recipe classes
-and DeepSpeed engines (ZeRO-3 config of ``--ds-config``): ``sft``, ``vanilla_kd``, ``vkd_uniform`` (IVA's
+Every variant runs in its own single-rank process (so peak memory is its own) through recipes/train.py's own
+``build`` and ``train_step`` and real DeepSpeed engines (ZeRO-3 config of ``--ds-config``): ``sft``, ``vanilla_kd``, ``vkd_uniform`` (IVA's
 vision-token KL with uniform weights: its cost without the attention capture), ``iva``, ``tpa``, ``align_ti`` and
 ``tpa_paper``, the paper's TPA procedure for comparison: an extra no-grad student pass to sample the
 candidates, then one expanded sequence per model with a dense 4-D ribbon mask. Its step-1 TPA loss must equal
@@ -23,7 +23,9 @@ millisecond with glibc's mmap threshold fixed, so freed tensors leave the reside
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib.util
 import json
 import os
 import random
@@ -49,23 +51,21 @@ D = 4  # TPA candidates, the paper's d
 
 def prepare(shape: str, out: Path) -> Path:
     """Models (teacher, student sharing its vision tower) and training data for one shape; reused if present."""
-    from aligntI.cli import main as cli
+    from aligntI.models.builder import init_model_dir
+    from aligntI.tasks.digitgrid import write_digitgrid_with_tokenizer
 
     root = out / shape
     if (root / "student" / "config.json").is_file():
         return root
     root.mkdir(parents=True, exist_ok=True)
     if shape == "cpu_example":
-        assert cli(["digitgrid", "--out", str(root / "data"), "--train-size", "512", "--val-size", "8",
-                    "--test-size", "8"]) == 0
+        write_digitgrid_with_tokenizer(root / "data", train_size=512, val_size=8, test_size=8)
         tokenizer = root / "data" / "tokenizer"
         teacher_spec, student_spec = REPO / "recipes/mini/models/teacher.yaml", REPO / "recipes/mini/models/student.yaml"
     else:
         tokenizer, teacher_spec, student_spec = write_paper_shape_data(root)
-    assert cli(["init-model", "--spec", str(teacher_spec), "--tokenizer", str(tokenizer),
-                "--out", str(root / "teacher")]) == 0
-    assert cli(["init-model", "--spec", str(student_spec), "--tokenizer", str(tokenizer),
-                "--vision-from", str(root / "teacher"), "--out", str(root / "student")]) == 0
+    init_model_dir(teacher_spec, tokenizer, root / "teacher")
+    init_model_dir(student_spec, tokenizer, root / "student", vision_from=root / "teacher")
     return root
 
 
@@ -115,7 +115,7 @@ def recipe_for(variant: str, root: Path, shape: str, ds_config: str, steps: int)
         "optim": {"lr": 1e-4, "warmup_ratio": 0.0},
         "train": {"global_batch_size": 4 if paper else 16, "micro_batch_size": 4 if paper else 16,
                   "max_steps": steps, "save_every": 0},
-        "engine": {"ds_config": ds_config, "zero_stage": 3},
+        "engine": {"ds_config": ds_config},
     }
     if variant != "sft":
         sft, kd, iva, tpa = WEIGHTS[variant]
@@ -168,47 +168,58 @@ def ribbon_expand(inputs: dict, rows, candidates, d: int):
     return expanded, is_cand[keep]
 
 
-def paper_style_recipe_class():
-    from aligntI.data.dataset import model_inputs
-    from aligntI.losses.kd import top1_agreement, weighted_divergence_sum
-    from aligntI.losses.sft import rows_ce_sum
-    from aligntI.training.accounting import micro_loss_scale
-    from aligntI.training.distill import DistillRecipe, scored_rows
+class PaperStyleTPA:
+    """sft + kd + TPA computed like the paper's code: an extra student pass to sample, then one expanded pass
+    per model. It wraps the recipe's own objective: same plan (counts, positions, seeds) and candidate draw."""
 
-    class PaperStyleTPA(DistillRecipe):
-        """sft + kd + TPA computed like the paper's code: extra student pass, then one expanded pass per model."""
+    LOSS_TERMS = ("loss", "sft", "kd", "tpa")
 
-        def micro_step(self, mb, counts):
-            cfg, size, chunk = self.cfg, self.shared.size, self.cfg.kd.chunk_size
-            accum, world = self.batching.gradient_accumulation_steps, self.dist.world_size
-            inputs = self._to_device(model_inputs(mb))
-            labels = mb["labels"].to(self.dist.device)
-            keep = scored_rows(labels)
-            targets = labels[:, 1:][keep[:, :-1]]
-            with torch.no_grad():  # the extra pass: only to sample the candidates
-                s_plain = self.student(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :size]
-            candidates, weights = self.candidates(mb, inputs, keep, targets, None, s_plain)
-            rows = mb["tpa_rows"].to(keep.device)
-            expanded, is_cand = ribbon_expand(inputs, rows, candidates, cfg.tpa.candidates)
-            t_logits = self.teacher(**expanded, use_cache=False).logits[:, :size]
-            s_logits = self.student(**expanded, use_cache=False).logits[:, :size]
-            gt = ~is_cand
-            sums = {
-                "sft": rows_ce_sum(s_logits[gt], targets, chunk),
-                "kd": weighted_divergence_sum(t_logits[gt], s_logits[gt], torch.ones_like(targets, dtype=torch.float),
-                                              chunk_size=chunk),
-                "tpa": weighted_divergence_sum(t_logits[is_cand], s_logits[is_cand], weights.flatten(),
-                                               chunk_size=chunk),
-            }
-            total = micro_loss_scale(counts["response_tokens"], world, accum) * (
-                cfg.loss.sft * sums["sft"] + cfg.loss.kd * sums["kd"]) + \
-                micro_loss_scale(counts["tpa_positions"], world, accum) * cfg.loss.tpa * sums["tpa"]
-            self.student.backward(total)
-            self.student.step()
-            sums["top1_agree"] = top1_agreement(t_logits[gt], s_logits[gt].detach())
-            return {k: v.detach().float() for k, v in sums.items()}
+    def __init__(self, objective):
+        self.inner = objective
 
-    return PaperStyleTPA
+    def plan(self, micro, step):
+        return self.inner.plan(micro, step)
+
+    @contextlib.contextmanager
+    def loss(self, mb, draws, counts):
+        from aligntI.losses.kd import top1_agreement, weighted_divergence_sum
+        from aligntI.losses.sft import rows_ce_sum
+        from aligntI.losses.tpa import scored_rows
+        from aligntI.training.accounting import micro_loss_scale
+        from aligntI.training.objective import MicroLoss, to_device
+
+        obj = self.inner
+        cfg, size, chunk = obj.cfg, obj.shared.size, obj.cfg.kd.chunk_size
+        accum, world = obj.accumulation, obj.dist.world_size
+        inputs = to_device(mb, obj.dist.device, obj.student.module.dtype)
+        labels = mb["labels"].to(obj.dist.device)
+        keep = scored_rows(labels)
+        targets = labels[:, 1:][keep[:, :-1]]
+        with torch.no_grad():  # the extra pass: only to sample the candidates
+            s_plain = obj.student(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :size]
+        candidates, weights = obj.candidates(draws, inputs, keep, targets, None, s_plain)
+        expanded, is_cand = ribbon_expand(inputs, draws.rows.to(keep.device), candidates, cfg.tpa.candidates)
+        t_logits = obj.teacher(**expanded, use_cache=False).logits[:, :size]
+        s_logits = obj.student(**expanded, use_cache=False).logits[:, :size]
+        gt = ~is_cand
+        sums = {
+            "sft": rows_ce_sum(s_logits[gt], targets, chunk),
+            "kd": weighted_divergence_sum(t_logits[gt], s_logits[gt], torch.ones_like(targets, dtype=torch.float),
+                                          chunk_size=chunk),
+            "tpa": weighted_divergence_sum(t_logits[is_cand], s_logits[is_cand], weights.flatten(),
+                                           chunk_size=chunk),
+        }
+        total = micro_loss_scale(counts["response_tokens"], world, accum) * (
+            cfg.loss.sft * sums["sft"] + cfg.loss.kd * sums["kd"]) + \
+            micro_loss_scale(counts["tpa_positions"], world, accum) * cfg.loss.tpa * sums["tpa"]
+        sums["top1_agree"] = top1_agreement(t_logits[gt], s_logits[gt].detach())
+        yield MicroLoss(total, {k: v.detach().float() for k, v in sums.items()})
+
+    def summarise(self, totals, counts):
+        return self.inner.summarise(totals, counts)
+
+    def finish(self):
+        self.inner.finish()
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -250,41 +261,49 @@ class PeakMemory:
 
 
 def run_variant(variant: str, root: Path, shape: str, ds_config: str, steps: int, warmup: int) -> dict:
-    from aligntI import engine as ds
-    from aligntI.training.distill import DistillRecipe
-    from aligntI.training.sft import SFTRecipe
+    """Times recipes/train.py's own ``train_step`` on the run its ``build`` makes from the variant's recipe."""
+    from aligntI import engine
 
-    cls = {"sft": SFTRecipe, "tpa_paper": paper_style_recipe_class()}.get(variant, DistillRecipe)
-    recipe = cls(recipe_for(variant, root, shape, ds_config, warmup + steps))
-    recipe.setup()
-    recipe.student.train()
-    batches = iter(recipe.loader)
-    accum = recipe.batching.gradient_accumulation_steps
-    memory = PeakMemory(recipe.dist.device)
+    train = load_train_script()
+    run = train.build(recipe_for(variant, root, shape, ds_config, warmup + steps), [])
+    if variant == "tpa_paper":
+        run.objective = PaperStyleTPA(run.objective)
+    run.student.train()
+    batches = iter(run.loader)
+    accum = run.batching.gradient_accumulation_steps
+    memory = PeakMemory(run.dist.device)
     times, tokens, samples, tpa_positions, first = [], 0, 0, 0, None
-    for step in range(warmup + steps):
+    for step in range(1, warmup + steps + 1):
         micro = [next(batches) for _ in range(accum)]
-        if step == warmup:
+        if step == warmup + 1:
             memory.start()
         start = time.perf_counter()
-        counts = recipe.global_counts(micro, step + 1)
-        sums = [recipe.micro_step(mb, counts) for mb in micro]
-        if recipe.dist.device.type == "cuda":
+        sums, counts = train.train_step(run, micro, step)
+        if run.dist.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        if step == 0:
-            totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
-            first = recipe.summarise(totals, counts)
-        if step >= warmup:
+        if step == 1:
+            first = run.objective.summarise({k: float(v) for k, v in sums.items()}, counts)
+        if step > warmup:
             times.append(elapsed)
             tokens += sum(int(mb["attention_mask"].sum()) for mb in micro)
             samples += sum(mb["attention_mask"].shape[0] for mb in micro)
             tpa_positions += counts.get("tpa_positions", 0)
     peak = memory.stop()
-    ds.destroy()
+    engine.destroy()
     return {"variant": variant, "step_s": min(times), "median_step_s": statistics.median(times), "peak_bytes": peak,
             "tokens": tokens,
             "samples": samples, "tpa_positions": tpa_positions, "first_step": first}
+
+
+def load_train_script():
+    """recipes/train.py as a module: the benchmark times the training script's own step."""
+    path = REPO / "recipes" / "train.py"
+    spec = importlib.util.spec_from_file_location("train_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look the module up while it executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def capture_memory(root: Path) -> dict:

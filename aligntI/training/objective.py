@@ -1,0 +1,391 @@
+"""What the training loop minimises, per micro-batch: supervised fine-tuning, or Align-TI distillation.
+
+The loop in ``recipes/train.py`` talks to an objective through three calls, the same for both:
+
+* ``plan(micro, step)``: the step's global normalisers (response tokens, IVA samples, TPA positions, counted
+  over every micro-batch of every rank) and each micro-batch's random draws, decided before any forward;
+* ``with loss(mb, draws, counts) as out: student.backward(out.loss)``: the forwards of one micro-batch and
+  its loss, scaled so that the sum over micro-batches and ranks is each term's global-batch mean; backward
+  runs inside the block because attention captures must stay active while activation checkpointing
+  recomputes the forward;
+* ``summarise(totals, counts)``: the step's logged terms from the loss sums reduced over ranks.
+
+:class:`DistillObjective` composes ``λ_sft·L_sft + λ_kd·L_kd + λ_iva·L_iva + λ_tpa·L_tpa`` from the pure loss
+functions of ``aligntI.losses``; the method as implemented is described in docs/method.md and the attention
+capture and TPA candidate pass in docs/engineering.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from aligntI import engine
+from aligntI.config import ConfigError, RecipeConfig
+from aligntI.data.dataset import model_inputs
+from aligntI.data.loader import build_sequential_loader
+from aligntI.hooks import attention as capture
+from aligntI.hooks.modules import relative_depth_layer
+from aligntI.hooks.transitions import CandidateBatch, PrefixCache
+from aligntI.irs import calibrate_iva_layer
+from aligntI.losses.iva import attention_kl_sum, instruction_to_vision_focus, iva_weights
+from aligntI.losses.kd import top1_agreement, weighted_divergence_sum
+from aligntI.losses.sft import response_ce_sum, rows_ce_sum
+from aligntI.losses.tpa import (
+    BigramTable,
+    candidate_weights,
+    draw_candidates,
+    scored_rows,
+    select_rows,
+    tpa_seeds,
+)
+from aligntI.training.accounting import micro_loss_scale
+
+
+@dataclass(frozen=True)
+class TPADraws:
+    """One micro-batch's TPA draws: the scored positions ``rows [B, L]`` and the seed of its candidates."""
+
+    rows: torch.Tensor
+    seed: int
+
+
+@dataclass
+class StepPlan:
+    counts: dict[str, float]  # global normalisers of the step's terms, also logged
+    draws: list[TPADraws | None]  # per micro-batch
+
+
+@dataclass
+class MicroLoss:
+    loss: torch.Tensor  # what backward takes: this micro-batch's share of the global-batch means
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # detached per-term sums, for the log
+
+
+def response_tokens(micro: list[dict]) -> float:
+    """Response tokens (label positions a logit predicts) of this rank's micro-batches."""
+    return sum(float((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
+
+
+def to_device(mb: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """The model inputs of a CPU batch on ``device``, pixels in the model's dtype."""
+    out = {k: v.to(device) for k, v in model_inputs(mb).items()}
+    out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
+class SFTObjective:
+    """Cross-entropy on response tokens, a mean over the whole global batch."""
+
+    LOSS_TERMS = ("loss",)  # what loss_curve.png plots
+
+    def __init__(self, student, dist: engine.DistInfo, accumulation: int, log: Callable[[str], None]):
+        self.student, self.dist, self.accumulation, self.log = student, dist, accumulation, log
+
+    def plan(self, micro: list[dict], step: int) -> StepPlan:
+        tokens = engine.all_reduce_sum([response_tokens(micro)], self.dist.device)[0]
+        if tokens == 0:
+            self.log(f"step {step}: no response tokens in the whole global batch; loss is 0 for this step")
+        return StepPlan({"response_tokens": tokens}, [None] * len(micro))
+
+    @contextlib.contextmanager
+    def loss(self, mb: dict, draws: None, counts: dict[str, float]) -> Iterator[MicroLoss]:
+        scale = micro_loss_scale(counts["response_tokens"], self.dist.world_size, self.accumulation)
+        out = self.student(**to_device(mb, self.dist.device, self.student.module.dtype), use_cache=False)
+        ce_sum, _ = response_ce_sum(out.logits, mb["labels"].to(self.dist.device))
+        yield MicroLoss(ce_sum * scale, {"sft": ce_sum.detach()})
+
+    def summarise(self, totals: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+        return {"loss": totals["sft"] / max(counts["response_tokens"], 1.0)}
+
+    def finish(self) -> None:
+        pass
+
+
+def count_response_bigrams(processor, cfg: RecipeConfig, dist: engine.DistInfo) -> BigramTable:
+    """(token, next response token) counts over the recipe's training data, sharded over ranks and merged."""
+    loader = build_sequential_loader(processor, cfg.data, batch_size=64, rank=dist.rank,
+                                     world_size=dist.world_size)
+    pairs = [BigramTable.count_pairs(batch["input_ids"], batch["labels"]) for batch in loader]
+    table = BigramTable.from_pairs(torch.cat([p for p, _ in pairs]), torch.cat([f for _, f in pairs]),
+                                   len(processor.tokenizer))
+    if dist.world_size > 1:
+        parts = [None] * dist.world_size
+        torch.distributed.all_gather_object(parts, table.state_dict())
+        table = BigramTable.from_state_dict(parts[0])
+        for part in parts[1:]:
+            table = table.merge(BigramTable.from_state_dict(part))
+    return table
+
+
+def _term(weight: float, fn, *args, **kwargs) -> torch.Tensor:
+    """A loss term; one with weight 0 is still computed for the log, but outside the autograd graph."""
+    with contextlib.nullcontext() if weight > 0 else torch.no_grad():
+        return fn(*args, **kwargs)
+
+
+class DistillObjective:
+    """``λ_sft·L_sft + λ_kd·L_kd + λ_iva·L_iva + λ_tpa·L_tpa`` with a frozen teacher engine.
+
+    Per micro-batch the teacher runs first (under ``no_grad``), capturing its IVA layer's instruction→vision
+    attention when the IVA weights need it; then the student. Both models project to the vocabulary only the
+    rows a loss reads (``logits_to_keep``: response positions, plus vision positions for IVA's weighted KL).
+    With TPA both ground-truth passes also record their keys/values, d candidates per scored response row
+    are drawn, and one short candidate pass per model scores them against that record.
+
+    Construction does the start-up work that needs both engines: the IVA layer (``iva.layer: auto`` runs the
+    IRS calibration; a resumed run keeps the layer in ``run_dir/irs.json``), the student layer of the
+    attention mode, TPA's checks and its ``gt_bigram`` table.
+    """
+
+    LOSS_TERMS = ("loss", "sft", "kd", "iva", "tpa")
+
+    def __init__(self, cfg: RecipeConfig, teacher, student, processor, shared, dist: engine.DistInfo,
+                 accumulation: int, resumed: bool, log: Callable[[str], None]):
+        self.cfg, self.teacher, self.student, self.processor = cfg, teacher, student, processor
+        self.shared, self.dist, self.accumulation, self.log = shared, dist, accumulation, log
+        self.iva_on = cfg.loss.iva > 0
+        self.tpa_on = cfg.loss.tpa > 0
+        self.needs_teacher_attention = self.iva_on and cfg.iva.uses_teacher_attention
+        self.empty = {"response": 0, "iva": 0}  # micro-batches of this rank with nothing to score, per term
+        self.iva_layer = self.student_layer = None
+        if self.needs_teacher_attention:
+            self.iva_layer = self._resolve_iva_layer(resumed)
+            if cfg.iva.mode == "attention":
+                self.student_layer = self._resolve_student_layer()
+            log(f"IVA: teacher layer {self.iva_layer}, mode {cfg.iva.mode}"
+                + (f", student layer {self.student_layer}" if self.student_layer is not None else ""))
+        elif self.iva_on:
+            log("IVA: uniform weights over vision tokens (no teacher attention needed)")
+        self.bigrams = None
+        if self.tpa_on:
+            self._check_tpa()
+
+    # ------------------------------------------------------------------ start-up
+
+    def _resolve_iva_layer(self, resumed: bool) -> int:
+        cfg = self.cfg
+        teacher_layers = len(capture.decoder_layers(self.teacher.module))
+        if isinstance(cfg.iva.layer, int):
+            if cfg.iva.layer >= teacher_layers:
+                raise ConfigError(f"iva.layer: {cfg.iva.layer} is out of range; the teacher has {teacher_layers} "
+                                  "decoder layers")
+            return cfg.iva.layer
+        saved = Path(cfg.run_dir) / "irs.json"
+        if resumed and saved.is_file():  # a resumed run keeps the layer it started with
+            layer = json.loads(saved.read_text())["chosen_layer"]
+            self.log(f"IVA layer {layer} from {saved} (resumed run)")
+            return layer
+        report = calibrate_iva_layer(self.teacher, self.processor, cfg, self.dist)
+        self.log(f"IRS on {report['samples']} calibration samples ({report['pairing']} pairs): "
+                 + ", ".join(f"L{i} {v:.3f}" for i, v in enumerate(report["irs"]))
+                 + f" -> iva.layer {report['chosen_layer']}")
+        return report["chosen_layer"]
+
+    def _resolve_student_layer(self) -> int:
+        student_layers = len(capture.decoder_layers(self.student.module))
+        layer = self.cfg.iva.student_layer
+        if layer is None:
+            teacher_layers = len(capture.decoder_layers(self.teacher.module))
+            layer = relative_depth_layer(self.iva_layer, teacher_layers, student_layers)
+        if layer >= student_layers:
+            raise ConfigError(f"iva.student_layer: {layer} is out of range; the student has {student_layers} "
+                              "decoder layers")
+        return layer
+
+    def _check_tpa(self) -> None:
+        tpa = self.cfg.tpa
+        for key, model in (("teacher", self.teacher.module), ("model", self.student.module)):
+            backend = model.config.get_text_config()._attn_implementation
+            if backend not in capture.WRAPPED_BACKENDS:  # the candidate pass needs the wrapped kernels
+                raise ConfigError(f"{key}.attn_implementation.text: {backend!r} cannot run TPA's candidate "
+                                  f"pass; use one of {list(capture.WRAPPED_BACKENDS)}")
+        if tpa.source == "gt_bigram":
+            self.bigrams = count_response_bigrams(self.processor, self.cfg, self.dist)
+            self.log(f"TPA gt_bigram source: {self.bigrams.total} response-token pairs, {len(self.bigrams)} "
+                     "distinct, from the training data")
+        if tpa.candidates + 2 > self.shared.token_ids:  # the ground truth and the image token are never drawn
+            raise ConfigError(f"tpa.candidates: {tpa.candidates} is too many for a shared vocabulary of "
+                              f"{self.shared.token_ids} tokens")
+        self.log(f"TPA: {tpa.candidates} candidates per response position from the {tpa.source}, "
+                 f"exclude_gt {tpa.exclude_gt}, {tpa.weighting} weights, max_positions {tpa.max_positions}")
+
+    # ------------------------------------------------------------------ the step
+
+    def iva_samples(self, mb: dict) -> torch.Tensor:
+        """``[B]`` bool: the samples IVA scores: with an image, and instruction tokens when teacher attention
+        is used."""
+        rows = mb["vision_mask"].any(-1)
+        if self.cfg.iva.uses_teacher_attention:
+            rows &= mb["instruction_mask"].any(-1)
+        return rows
+
+    def plan(self, micro: list[dict], step: int) -> StepPlan:
+        resp = response_tokens(micro)
+        iva = sum(float(self.iva_samples(mb).sum()) for mb in micro) if self.iva_on else 0.0
+        tpa, draws = 0.0, []
+        for i, mb in enumerate(micro):
+            if not self.tpa_on:
+                draws.append(None)
+                continue
+            # Positions are drawn here (CPU, seeded by step) so that their global count is the normaliser.
+            positions_seed, candidates_seed = tpa_seeds(self.cfg.seed, step, i, self.dist.rank)
+            rows = select_rows(scored_rows(mb["labels"]), self.cfg.tpa.max_positions,
+                               torch.Generator().manual_seed(positions_seed))
+            draws.append(TPADraws(rows, candidates_seed))
+            tpa += float(rows.sum())
+        resp, iva, tpa = engine.all_reduce_sum([resp, iva, tpa], self.dist.device)
+        if resp == 0:
+            self.log(f"step {step}: no response tokens in the whole global batch; sft, kd and tpa are 0 this step")
+        if self.iva_on and iva == 0:
+            need = "an image and instruction tokens" if self.cfg.iva.uses_teacher_attention else "an image"
+            raise RuntimeError(f"step {step}: loss.iva is {self.cfg.loss.iva} but no sample in the whole global "
+                               f"batch has {need}; IVA has nothing to align (set loss.iva: 0 for such data)")
+        counts = {"response_tokens": resp, **({"iva_samples": iva} if self.iva_on else {}),
+                  **({"tpa_positions": tpa} if self.tpa_on else {})}
+        return StepPlan(counts, draws)
+
+    def _capture(self, model, layer: int, masks: dict):
+        return capture.AttentionCapture(model, [layer], masks["instruction_mask"], masks["vision_mask"],
+                                        masks["attention_mask"])
+
+    @contextlib.contextmanager
+    def loss(self, mb: dict, draws: TPADraws | None, counts: dict[str, float]) -> Iterator[MicroLoss]:
+        cfg, dev, world = self.cfg, self.dist.device, self.dist.world_size
+        inputs = to_device(mb, dev, self.student.module.dtype)
+        masks = {k: mb[k].to(dev) for k in ("vision_mask", "instruction_mask", "attention_mask")}
+        targets_full = F.pad(mb["labels"].to(dev)[:, 1:], (0, 1), value=-100)  # logits at t predict label t+1
+        # "Nothing to score" is decided on the CPU batch: no device-to-host sync in the step.
+        if not (mb["labels"][:, 1:] != -100).any():
+            self._empty("response")
+        iva_rows = None
+        if self.iva_on:
+            iva_rows = self.iva_samples(mb)
+            if not iva_rows.any():
+                self._empty("iva")
+            iva_rows = iva_rows.to(dev)
+        keep = targets_full != -100
+        if self.iva_on and cfg.iva.mode == "weighted_kl":  # IVA's KL is read at the vision positions
+            keep |= masks["vision_mask"] & iva_rows[:, None]
+
+        # TPA: the ground-truth passes record their keys/values for the candidate passes.
+        t_prefix = PrefixCache(self.teacher.module) if self.tpa_on else None
+        s_prefix = PrefixCache(self.student.module) if self.tpa_on else None
+        teacher_capture = self._capture(self.teacher.module, self.iva_layer, masks) \
+            if self.needs_teacher_attention else contextlib.nullcontext()
+        with teacher_capture as t_cap:
+            t_logits = self.teacher(**inputs, logits_to_keep=keep, use_cache=False, prefix_cache=t_prefix).logits
+        t_logits = t_logits[:, : self.shared.size]
+
+        student_capture = self._capture(self.student.module, self.student_layer, masks) \
+            if self.student_layer is not None else contextlib.nullcontext()
+        with student_capture as s_cap:  # the caller's backward runs inside: a checkpoint recompute must see it
+            s_logits = self.student(**inputs, logits_to_keep=keep, use_cache=False,
+                                    prefix_cache=s_prefix).logits[:, : self.shared.size]
+            targets = targets_full[keep]
+            resp = targets != -100
+            kd = cfg.kd
+            sums = {
+                "sft": _term(cfg.loss.sft, rows_ce_sum, s_logits, targets, kd.chunk_size),
+                "kd": _term(cfg.loss.kd, weighted_divergence_sum, t_logits, s_logits, resp.float(),
+                            kind=kd.divergence, temperature=kd.temperature, jsd_beta=kd.jsd_beta,
+                            skew_alpha=kd.skew_alpha, chunk_size=kd.chunk_size),
+            }
+            resp_scale = micro_loss_scale(counts["response_tokens"], world, self.accumulation)
+            total = resp_scale * (cfg.loss.sft * sums["sft"] + cfg.loss.kd * sums["kd"])
+            if self.iva_on:
+                sums["iva"] = self._iva_sum(t_logits, s_logits, keep, masks, iva_rows, t_cap, s_cap)
+                iva_scale = micro_loss_scale(counts["iva_samples"], world, self.accumulation)
+                total = total + iva_scale * cfg.loss.iva * sums["iva"]
+            if self.tpa_on:
+                sums["tpa"] = self._tpa_sum(draws, inputs, keep, targets, t_logits, s_logits, t_prefix, s_prefix)
+                tpa_scale = micro_loss_scale(counts["tpa_positions"], world, self.accumulation)
+                total = total + tpa_scale * cfg.loss.tpa * sums["tpa"]
+            sums["top1_agree"] = top1_agreement(t_logits[resp], s_logits[resp].detach())
+            yield MicroLoss(total, {k: v.detach().float() for k, v in sums.items()})
+
+    def _iva_sum(self, t_logits, s_logits, keep, masks, iva_rows, t_cap, s_cap) -> torch.Tensor:
+        """Σ over this micro-batch's IVA samples of the per-sample IVA loss."""
+        cfg = self.cfg.iva
+        vis_idx, vis_valid = capture.padded_positions(masks["vision_mask"])
+        vis_valid = vis_valid & iva_rows[:, None]
+        if cfg.mode == "attention":
+            inst_valid = t_cap.inst_valid.to(vis_valid.device)
+            t_focus = instruction_to_vision_focus(t_cap[self.iva_layer], inst_valid, vis_valid)
+            s_focus = instruction_to_vision_focus(s_cap[self.student_layer], inst_valid, vis_valid)
+            return attention_kl_sum(t_focus, s_focus, iva_rows)
+        focus = None
+        if cfg.weights == "teacher_attention":
+            focus = instruction_to_vision_focus(t_cap[self.iva_layer], t_cap.inst_valid.to(vis_valid.device),
+                                                vis_valid)
+        weights = iva_weights(focus, vis_valid, cfg.weights, cfg.top_ratio)  # [B, V], rows sum to 1
+        per_position = torch.zeros(keep.shape, dtype=weights.dtype, device=weights.device)
+        rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(vis_idx)
+        per_position[rows[vis_valid], vis_idx[vis_valid]] = weights[vis_valid]
+        return weighted_divergence_sum(t_logits, s_logits, per_position[keep], kind="forward_kl",
+                                       chunk_size=self.cfg.kd.chunk_size)
+
+    def candidates(self, draws: TPADraws, inputs: dict, keep, targets, t_logits, s_logits):
+        """Candidates ``[N, d]`` and weights ``[N, d]`` for the micro-batch's TPA positions ``draws.rows``.
+
+        ``t_logits``/``s_logits``/``targets`` are the ground-truth passes' rows at ``keep`` (row-major order).
+        """
+        tpa, dev = self.cfg.tpa, self.dist.device
+        rows = draws.rows.to(dev)
+        at = rows[keep]  # the TPA positions among the kept logit rows (same row-major order)
+        s_rows = s_logits[at].detach()
+        if tpa.source == "student":
+            scores = s_rows
+        elif tpa.source == "teacher":
+            scores = t_logits[at]
+        else:
+            scores = self.bigrams.scores(inputs["input_ids"][rows], device=dev)[:, : self.shared.size]
+        generator = torch.Generator(device=dev).manual_seed(draws.seed)
+        # Only ids of both tokenizers: the embedding rows past them are padding, never text. The image
+        # placeholder is input-only: never a label (so p_S there is untrained) and, inside a sequence, a slot
+        # for image features rather than a token.
+        scores = scores[:, : self.shared.token_ids]
+        candidates = draw_candidates(scores, targets[at], tpa.candidates, exclude_gt=tpa.exclude_gt,
+                                     generator=generator, chunk_size=self.cfg.kd.chunk_size,
+                                     never=(self.processor.image_token_id,))
+        return candidates, candidate_weights(s_rows, candidates, tpa.weighting)
+
+    def _tpa_sum(self, draws, inputs, keep, targets, t_logits, s_logits, t_prefix, s_prefix) -> torch.Tensor:
+        """Σ over this micro-batch's TPA positions of Σ_v w_v·KL(p_T(·|c_t, v) ‖ p_S(·|c_t, v))."""
+        candidates, weights = self.candidates(draws, inputs, keep, targets, t_logits, s_logits)
+        layout = CandidateBatch(draws.rows, candidates, inputs["attention_mask"], inputs["position_ids"])
+        size = self.shared.size
+        t_next = layout.in_candidate_order(self.teacher(**layout.model_inputs(t_prefix)).logits[:, :size])
+        s_next = layout.in_candidate_order(self.student(**layout.model_inputs(s_prefix)).logits[:, :size])
+        return weighted_divergence_sum(t_next, s_next, weights.flatten(), kind="forward_kl",
+                                       chunk_size=self.cfg.kd.chunk_size)
+
+    def _empty(self, term: str) -> None:
+        self.empty[term] += 1
+        if self.empty[term] <= 3:
+            print(f"[rank {self.dist.rank}] a micro-batch with nothing to score for {term}: its term is 0 "
+                  "(the global normaliser is unchanged)", flush=True)
+
+    def summarise(self, totals: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+        tokens = max(counts["response_tokens"], 1.0)
+        out = {"sft": totals["sft"] / tokens, "kd": totals["kd"] / tokens,
+               "top1_agreement": totals["top1_agree"] / tokens}
+        loss = self.cfg.loss.sft * out["sft"] + self.cfg.loss.kd * out["kd"]
+        if self.iva_on:
+            out["iva"] = totals["iva"] / max(counts["iva_samples"], 1.0)
+            loss += self.cfg.loss.iva * out["iva"]
+        if self.tpa_on:
+            out["tpa"] = totals["tpa"] / max(counts["tpa_positions"], 1.0)
+            loss += self.cfg.loss.tpa * out["tpa"]
+        return {"loss": loss, **out}
+
+    def finish(self) -> None:
+        """Report, over all ranks, the micro-batches that had nothing to score (every rank calls)."""
+        empty = engine.all_reduce_sum([self.empty["response"], self.empty["iva"]], self.dist.device)
+        self.log(f"micro-batches with nothing to score (all ranks): response {int(empty[0])}, iva {int(empty[1])}")
