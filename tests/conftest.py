@@ -14,6 +14,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+FOLDER_MARKERS = {"distributed": "distributed", "slurm": "slurm"}  # every test of the folder
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        folder = Path(item.path).resolve().relative_to(TESTS).parts[0]
+        if folder in FOLDER_MARKERS:
+            item.add_marker(FOLDER_MARKERS[folder])
 
 
 def free_port() -> int:
@@ -129,6 +138,8 @@ def launcher_cmd(launcher: str, nproc: int = 2) -> list[str]:
 def launch_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["PYTHONUNBUFFERED"] = "1"
+    # A launched test script (tests/distributed/distill_probe.py) imports the suite's shared builders.
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS / "unit"), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 

@@ -47,6 +47,7 @@ def test_ties_go_to_the_shallower_layer():
     assert "1  0.4000  <- IVA layer" in format_table([0.1, 0.4, 0.4, 0.2], 1)
 
 
+@pytest.mark.distributed
 def test_irs_command(tmp_path, tiny_model, digitgrid):
     out = tmp_path / "irs"
     proc = launch(["-m", "aligntI.cli", "irs", "--model", str(tiny_model), "--data", str(digitgrid / "test.json"),

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from conftest import REPO, kill_when, launch, write_recipe, write_tiny_model
-from test_attention_capture import write_mixed
+from test_hooks_attention import write_mixed
 
 TERMS = ("loss", "sft", "kd", "iva", "tpa", "top1_agreement")
 
@@ -35,7 +35,7 @@ def test_distill_zero3_two_ranks(tmp_path, tiny_model, tiny_student, digitgrid, 
         train={"max_steps": 12, "save_every": 6},
     )
     out = tmp_path / "probe.json"
-    proc = launch(["tests/distill_probe.py", str(recipe), str(write_mixed(tmp_path, digitgrid)), str(out)],
+    proc = launch(["tests/distributed/distill_probe.py", str(recipe), str(write_mixed(tmp_path, digitgrid)), str(out)],
                   launcher="torchrun")
     probe = json.loads(out.read_text())
     # The teacher: untouched and gradient-free after training, against a fresh load from disk.

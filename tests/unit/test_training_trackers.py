@@ -82,6 +82,7 @@ def offline_wandb(tmp_path, monkeypatch):
     return marker
 
 
+@pytest.mark.distributed
 def test_every_metric_reaches_tensorboard_and_wandb_across_a_resume(tmp_path, tiny_model, digitgrid,
                                                                     offline_wandb):
     run_dir = tmp_path / "run"

@@ -10,7 +10,7 @@ import pytest
 from conftest import launch_env
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DRIVER = REPO / "recipes" / "mini" / "reproduce.py"
 sys.path.insert(0, str(DRIVER.parent))  # what running the driver as a script does
 
@@ -48,6 +48,7 @@ def test_heatmap_questions_are_the_first_of_each_type(tmp_path):
     assert fixed_samples(tmp_path / "t.json", 2) == [0, 1, 2, 3, 4, 6, 7, 8]
 
 
+@pytest.mark.distributed
 def test_reproduce_runs_every_row_over_seeds_and_reports(tmp_path):
     out = tmp_path / "repro"
     cmd = [sys.executable, str(DRIVER), "--seeds", "2", "--steps", "3", "--teacher-steps", "4", "--out", str(out)]

@@ -357,6 +357,7 @@ def data_error_lines(proc) -> list[str]:
     return [line for line in proc.stderr.splitlines() if "data error: " in line]
 
 
+@pytest.mark.distributed
 def test_train_py_a_bad_jsonl_line_is_one_message(run_recipe):
     proc, data = run_recipe([good(0), good(1), b'{"id": "broken", "conversations": [', good(3)])
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -365,6 +366,7 @@ def test_train_py_a_bad_jsonl_line_is_one_message(run_recipe):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.distributed
 def test_train_py_empty_answer_with_the_debug_switch(run_recipe, monkeypatch):
     monkeypatch.setenv("ALIGNTI_DEBUG", "1")  # launch() passes the environment on
     proc, data = run_recipe([good(0), good(1) | {"conversations": conv(a=" ")}])
@@ -374,6 +376,7 @@ def test_train_py_empty_answer_with_the_debug_switch(run_recipe, monkeypatch):
                                          "(gpt) is empty: an answer needs text")
 
 
+@pytest.mark.distributed
 def test_train_py_truncated_image_in_a_dataloader_worker(run_recipe):
     proc, data = run_recipe([good(0) | {"image": "trunc.png"}] * 4, data={"num_workers": 1})
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -382,6 +385,7 @@ def test_train_py_truncated_image_in_a_dataloader_worker(run_recipe):
     assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr
 
 
+@pytest.mark.distributed
 def test_train_py_missing_teacher_directory(run_recipe, tmp_path):
     proc, _ = run_recipe([good(0)], teacher={"path": str(tmp_path / "no_teacher")})
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -389,6 +393,7 @@ def test_train_py_missing_teacher_directory(run_recipe, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.distributed
 def test_two_ranks_an_error_every_rank_meets_is_printed_once(run_recipe):
     """The check before training finds it on every rank (torchrun): rank 0 says it, rank 1 is ended by the
     launcher while it waits. torchrun itself then exits 1 with its own summary of the failed ranks."""
@@ -402,6 +407,7 @@ def test_two_ranks_an_error_every_rank_meets_is_printed_once(run_recipe):
     assert f'File "{REPO / "aligntI"}' not in proc.stderr and f'File "{REPO / "recipes"}' not in proc.stderr
 
 
+@pytest.mark.distributed
 def test_two_ranks_an_error_one_rank_meets_ends_the_job_with_its_message(run_recipe):
     """Only decoding finds the truncated image, on the one rank that draws it (deepspeed launcher): that rank
     says so; the other, whose collective then fails, waits for the launcher, which exits 2."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import write_recipe
 from recipe_scripts import train_script
-from test_attention_capture import batch_for, write_mixed
+from test_hooks_attention import batch_for, write_mixed
 from transformers import AutoTokenizer
 
 from aligntI.config import load_recipe

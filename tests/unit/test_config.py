@@ -18,7 +18,7 @@ from aligntI.config import (
 from aligntI.eval.recipe import load_eval_recipe
 from aligntI.models.builder import TinyModelSpec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 BASE = {
     "run_dir": "runs/x",

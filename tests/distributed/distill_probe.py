@@ -1,6 +1,6 @@
 """Run a distillation recipe under a real launcher, then check it from inside the job against oracles.
 
-Usage (2 CPU ranks): torchrun --nproc_per_node 2 tests/distill_probe.py <recipe.yaml> <probe_data.json> <out.json>
+Usage (2 CPU ranks): torchrun --nproc_per_node 2 tests/distributed/distill_probe.py <recipe.yaml> <probe_data.json> <out.json>
 
 After training, on every rank:
 * the teacher's parameters (gathered from their ZeRO-3 shards) equal a fresh load from disk, and have no grads;
@@ -18,7 +18,7 @@ import sys
 
 import torch
 from recipe_scripts import train_script
-from test_tpa_pass import separate_candidate_logits
+from test_hooks_transitions import separate_candidate_logits
 
 from aligntI import engine as ds
 from aligntI.config import AttentionConfig, DataConfig, DataSource, load_recipe

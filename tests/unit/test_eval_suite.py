@@ -148,6 +148,7 @@ def test_recipe_form_accumulates_one_table_and_checks_its_input(tiny_model, digi
     assert f"aligntI: data error: {missing}: gqa question file: file not found" in capsys.readouterr().err
 
 
+@pytest.mark.distributed
 def test_two_ranks_with_zero3_answer_as_one_process(tiny_model, digitgrid, tmp_path):
     """9 questions over 2 ranks in batches of 2: uneven shards, the short one repeats a batch to stay in step."""
     root = write_pope(tmp_path / "pope", digitgrid)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_attention_capture import batch_for, write_mixed
+from test_hooks_attention import batch_for, write_mixed
 
 from aligntI.config import AttentionConfig
 from aligntI.data.dataset import model_inputs

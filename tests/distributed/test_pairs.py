@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import launch, write_recipe
 from recipe_scripts import train_script
-from test_assemble import IMAGE, VISION, qwen_tokenizer
-from test_attention_capture import batch_for, write_mixed
-from test_tpa_pass import candidate_pass, rows_and_candidates, separate_candidate_logits
+from test_hooks_attention import batch_for, write_mixed
+from test_hooks_transitions import candidate_pass, rows_and_candidates, separate_candidate_logits
+from test_models_assemble import IMAGE, VISION, qwen_tokenizer
 from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
