@@ -9,7 +9,7 @@ are its own points (0-2000 perception).
 
 from __future__ import annotations
 
-from aligntI.eval.benchmarks import BENCHMARKS, BenchItem, BenchScore
+from aligntI.eval.benchmarks import BENCHMARKS, BenchItem, BenchScore, title_of
 
 __all__ = ["BenchScore", "format_markdown", "score_benchmark", "score_table"]
 
@@ -57,7 +57,7 @@ def _detail(s: BenchScore) -> str:
     try:
         return BENCHMARKS[s.name].detail(s)
     except (KeyError, TypeError, AttributeError):
-        return f"{s.title}: {s.score:.2f} (n={s.n})"  # a hand-made score without the usual metrics
+        return f"{title_of(s.name)}: {s.score:.2f} (n={s.n})"  # a hand-made score without the usual metrics
 
 
 def format_markdown(scores: dict[str, BenchScore], model: str) -> str:

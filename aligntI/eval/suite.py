@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aligntI.eval.benchmarks import BENCHMARKS, load_benchmark
+from aligntI.eval.benchmarks import BENCHMARKS, load_benchmark, title_of
 from aligntI.eval.generation import Prompt, gather_answers, generate_answers
 from aligntI.eval.recipe import BenchmarkConfig, EvalRecipe
 from aligntI.eval.scoring import BenchScore, format_markdown, score_benchmark, score_table
@@ -28,7 +28,7 @@ def write_benchmark(out: Path, items, answers: dict[str, str], score: BenchScore
         for it in items:
             f.write(json.dumps({**it.to_json(), "prediction": answers[it.id],
                                 **score.per_sample.get(it.id, {})}) + "\n")
-    summary = {k: v for k, v in score.to_json().items() if k != "per_sample"}
+    summary = {"title": title_of(score.name), **{k: v for k, v in score.to_json().items() if k != "per_sample"}}
     (out / f"{score.name}_score.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

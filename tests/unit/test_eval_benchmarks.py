@@ -23,6 +23,7 @@ from aligntI.eval.benchmarks import (
     pope,
     sqa_img,
     textvqa,
+    title_of,
 )
 from aligntI.eval.benchmarks.gqa import parse_gqa_answer
 from aligntI.eval.benchmarks.mmbench import extract_option_letter
@@ -71,7 +72,7 @@ def test_registry():
     assert all(name == bench.name for name, bench in BENCHMARKS.items())
     assert [b.title for b in BENCHMARKS.values()] == ["GQA", "SQA-IMG", "TextVQA", "POPE-F1", "MME-P/20", "MMB-dev"]
     assert [name for name, b in BENCHMARKS.items() if not b.folders] == ["mmbench"]  # images and answers in its TSV
-    assert BenchScore("mme", 1.0, {}, 1).title == "MME-P/20" and BenchScore("vqav2", 1.0, {}, 1).title == "vqav2"
+    assert title_of("mme") == "MME-P/20" and title_of("vqav2") == "vqav2"
 
 
 # ------------------------------------------------------------------------------------- EvalAI normalisation

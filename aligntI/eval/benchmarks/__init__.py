@@ -43,11 +43,16 @@ from aligntI.eval.benchmarks.common import (
 )
 
 __all__ = ["BENCHMARKS", "LETTER_PROMPT", "SHORT_ANSWER_PROMPT", "BenchItem", "BenchScore", "Benchmark",
-           "load_benchmark"]
+           "load_benchmark", "title_of"]
 
 # The order of the score table's columns.
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (gqa.BENCHMARK, sqa_img.BENCHMARK, textvqa.BENCHMARK,
                                                         pope.BENCHMARK, mme.BENCHMARK, mmbench.BENCHMARK)}
+
+
+def title_of(name: str) -> str:
+    """A benchmark's column title in the score table; a name outside the registry stands for itself."""
+    return BENCHMARKS[name].title if name in BENCHMARKS else name
 
 
 def load_benchmark(name: str, data: str | Path, images: str | Path | None = None,

@@ -76,15 +76,8 @@ class BenchScore:
     n: int
     per_sample: dict[str, dict] = field(default_factory=dict)
 
-    @property
-    def title(self) -> str:
-        from aligntI.eval.benchmarks import BENCHMARKS  # the registry imports this module
-
-        bench = BENCHMARKS.get(self.name)
-        return bench.title if bench is not None else self.name
-
     def to_json(self) -> dict:
-        return {"name": self.name, "title": self.title, "score": self.score, "n": self.n,
+        return {"name": self.name, "score": self.score, "n": self.n,
                 "metrics": self.metrics, "per_sample": self.per_sample}
 
 
