@@ -4,6 +4,8 @@
 attention of layer ``l`` averaged over heads and instruction positions and renormalised over the vision
 tokens. A layer whose visual focus follows the question scores high; one that looks at the same places
 whatever is asked scores low. Ties go to the shallower layer.
+
+The score, the calibration set and the choice of layer: docs/method.md, section 5.
 """
 
 from __future__ import annotations

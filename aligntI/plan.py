@@ -309,7 +309,7 @@ class Steps:
 
 
 def plan_steps(cfg: RecipeConfig, batching: Batching, data: DataCount) -> Steps:
-    """Optimizer steps as the trainer computes them (training/sft.py and data/records.py's sampler)."""
+    """Optimizer steps as recipes/train.py computes them (TrainConfig.total_steps over the sampler's epoch)."""
     per_epoch = None if data.samples is None else data.samples // batching.global_batch_size
     problem = None
     if per_epoch == 0:

@@ -3,6 +3,8 @@
 Layout: ``root/<tag>/`` per checkpoint, ``root/<tag>/COMPLETE`` once every rank finished writing it, and
 ``root/latest`` naming the newest complete tag. Writers replace files atomically, so an interrupted save never
 replaces the last good one.
+
+How resume uses them: docs/engineering.md, section 6.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Engines that only run forward: the frozen teacher, a ZeRO-3 model for evaluation, parameter gathering."""
+"""Engines that only run forward: the frozen teacher, a ZeRO-3 model for evaluation, parameter gathering.
+
+ZeRO-3 rules these engines follow (equal module calls on every rank): docs/engineering.md, section 4.
+"""
 
 from __future__ import annotations
 

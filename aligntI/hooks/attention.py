@@ -12,6 +12,8 @@ other layer and model runs its fast kernel untouched; nothing sets ``output_atte
 Stored per captured layer: ``[B, H, I, V]`` fp32 (I, V = the batch's longest instruction / vision span). The
 transient score block is ``[B, H, I, L]`` fp32 for that one layer only (plus an fp32 view of its K, not
 repeated over GQA groups).
+
+Why it is built this way: docs/engineering.md, section 1 (and section 2 for activation checkpointing).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ modules and every other module ignores it. Records are references to tensors aut
 gradients flow into the prefix through them. Flash-attention cannot take the candidate mask, so the candidate
 pass of a flash model runs SDPA (or the model's eager kernel when it softcaps attention logits, which SDPA
 cannot).
+
+Why it equals the paper's expanded pass, and what it costs: docs/engineering.md, section 3.
 """
 
 from __future__ import annotations

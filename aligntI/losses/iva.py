@@ -2,6 +2,8 @@
 weights built from it, and the KL between two foci for ``iva.mode: attention``.
 
 Masks are bool; padded entries of the inputs may hold anything and are never read into a result.
+
+The term, its modes and which samples count: docs/method.md, section 6.
 """
 
 from __future__ import annotations

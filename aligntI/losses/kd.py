@@ -3,6 +3,8 @@
 Everything is computed in fp32 on log-softmax outputs. ``weighted_divergence_sum`` is the entry point for
 training: it drops zero-weight rows and processes the rest in checkpointed chunks, so no more than one
 chunk's worth of full-vocabulary fp32 tensors is ever alive.
+
+How KD and IVA use it: docs/method.md, sections 4 and 6.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 For each scored response row, ``draw_candidates`` picks d distinct next tokens from a source distribution
 (Gumbel-top-k, i.e. sequential sampling without replacement); ``candidate_weights`` turns them into per-row
 weights summing to 1 for ``weighted_divergence_sum``. ``BigramTable`` is the "gt_bigram" source.
+
+The term, its candidate sources and what the paper leaves open: docs/method.md, section 7.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 DeepSpeed's backward divides by the gradient-accumulation steps and its gradient reduction averages
 over ranks. To obtain ``sum of token losses over the whole global batch / its token count``, each
 micro-batch's loss *sum* is multiplied by ``world_size × accumulation / global_token_count``.
+
+The derivation: docs/engineering.md, section 5.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Rank 0 writes ``trainer_state.pt`` (the step and the batch layout); every rank writes ``rank{r}_state.pt``
 (its RNG state and what its data workers skipped). The data order is fixed by (seed, epoch), so resuming
 needs only the step; an exact resume also needs the same world size and global batch, which is checked.
+
+What an exact resume needs and why: docs/engineering.md, section 6.
 """
 
 from __future__ import annotations

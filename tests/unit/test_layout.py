@@ -93,3 +93,17 @@ def test_no_reference_to_documents_outside_the_repository():
     hits = [f"{p.relative_to(REPO)}: {m.group(0)}" for p in source_files() if p != Path(__file__)
             for m in outside.finditer(p.read_text())]
     assert hits == []
+
+
+def test_pointers_into_docs_name_a_section_that_exists():
+    """Code says where a design is explained ("docs/engineering.md, section 3"); the numbering must hold."""
+    pointer = re.compile(r"docs/(\w+\.md), sections? (\d+)(?: and (\d+))?")
+    pointers = [(p, m) for p in source_files() if p.suffix == ".py" for m in pointer.finditer(p.read_text())]
+    assert len(pointers) >= 10
+    broken = []
+    for path, match in pointers:
+        doc = (REPO / "docs" / match.group(1)).read_text()
+        for number in filter(None, match.group(2, 3)):
+            if not re.search(rf"^## {number}\. ", doc, flags=re.MULTILINE):
+                broken.append(f"{path.relative_to(REPO)}: {match.group(0)}")
+    assert broken == []
