@@ -93,128 +93,43 @@ def cmd_assemble(args) -> int:
 
 def cmd_eval(args) -> int:
     """Benchmarks (``--bench`` or ``--config``) or exact match on a LLaVA-format file, one process or many."""
+    from aligntI.config import EvalConfig
     from aligntI.eval.recipe import BenchmarkConfig, EvalRecipe, load_eval_recipe
+    from aligntI.eval.run import run_eval_recipe, run_exact_match
 
     if args.config:
         if args.model or args.data or args.bench:
             raise ConfigError("eval: give --config (an evaluation recipe) or --model/--data, not both")
-        return evaluate_recipe(load_eval_recipe(args.config, args.overrides))
+        run_eval_recipe(load_eval_recipe(args.config, args.overrides))
+        return 0
     if not args.model or not args.data:
         raise ConfigError("eval: --model and --data are required (or --config)")
     if args.overrides:
         raise ConfigError(f"eval: overrides {args.overrides} only apply to --config recipes")
+    # --batch-size / --max-new-tokens as given; the others keep the defaults of the dataclass they fill.
+    given = {k: getattr(args, k) for k in ("batch_size", "max_new_tokens") if getattr(args, k) is not None}
     if args.bench:
         recipe = EvalRecipe(
             model=args.model, benchmarks=[BenchmarkConfig(args.bench, args.data, args.images, args.annotations,
                                                           args.max_samples)],
-            out=args.out, chat_template=args.chat_template, attn=args.attn, zero3=args.zero3, **_given(args))
+            out=args.out, chat_template=args.chat_template, attn=args.attn, zero3=args.zero3, **given)
         recipe.validate()
-        return evaluate_recipe(recipe)
+        run_eval_recipe(recipe)
+        return 0
     if args.annotations or args.zero3:
         raise ConfigError("eval: --annotations and --zero3 apply to --bench/--config evaluations")
-    return evaluate_exact_match_file(args)
-
-
-def _given(args) -> dict:
-    """--batch-size / --max-new-tokens as given; the others keep the defaults of the dataclass they fill."""
-    return {k: getattr(args, k) for k in ("batch_size", "max_new_tokens") if getattr(args, k) is not None}
-
-
-def load_eval_model(path: str, attn: str, zero3: bool, dist):
-    """The model in eval mode on this rank's device, or partitioned over the ranks (ZeRO-3)."""
-    import torch
-
-    from aligntI import engine as ds
-    from aligntI.config import AttentionConfig
-    from aligntI.models.loading import load_model
-
-    dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
-    attention = AttentionConfig(attn, "sdpa")  # --attn is the LLM's; the vision tower runs SDPA
-    model = load_model(path, attention, dtype)
-    if zero3:
-        return ds.inference_engine(model, bf16=dtype == torch.bfloat16).module
-    return model.to(dist.device).eval()
-
-
-def evaluate_recipe(recipe) -> int:
-    from aligntI import engine as ds
-    from aligntI.config import DataConfig, DataSource
-    from aligntI.data.loader import build_encoder
-    from aligntI.eval.benchmarks import BENCHMARKS
-    from aligntI.eval.suite import evaluate_benchmark, write_table
-    from aligntI.models.loading import load_processor
-
-    dist = ds.init_distributed()
-    processor = load_processor(recipe.model)
-    model = load_eval_model(recipe.model, recipe.attn, recipe.zero3, dist)
-    encoder = build_encoder(processor, DataConfig(train=[DataSource(recipe.benchmarks[0].data)],
-                                                  chat_template=recipe.chat_template, max_length=10**9))
-    out = Path(recipe.out) if recipe.out else Path(recipe.model) / "eval"
-    for bench in recipe.benchmarks:
-        score = evaluate_benchmark(model, processor, encoder, bench, recipe, out, device=dist.device,
-                                   rank=dist.rank, world_size=dist.world_size)
-        if score is not None:
-            print(f"[aligntI] {BENCHMARKS[bench.name].title}: {score.score:.2f} ({score.n} questions) -> "
-                  f"{out / (bench.name + '_answers.jsonl')}", flush=True)
-    if dist.is_main:
-        print(write_table(out, recipe.model), flush=True)
-        print(f"[aligntI] wrote {out / 'scores.md'} and {out / 'scores.json'}", flush=True)
-    ds.destroy()
-    return 0
-
-
-def evaluate_exact_match_file(args) -> int:
-    """Greedy generation + exact match against the last turn of each record (e.g. the CPU example)."""
-    from aligntI import engine as ds
-    from aligntI.config import DataConfig, DataSource, EvalConfig
-    from aligntI.data.loader import build_encoder
-    from aligntI.eval.generation import evaluate_exact_match, load_eval_items
-    from aligntI.models.loading import load_processor
-
     ev = EvalConfig(data=args.data, images=args.images, max_samples=args.max_samples,
-                    category_key=args.category_key, **_given(args))
-    ev.validate()
-    dist = ds.init_distributed()
-    processor = load_processor(args.model)
-    model = load_eval_model(args.model, args.attn, False, dist)
-    data = DataConfig(train=[DataSource(ev.data)], chat_template=args.chat_template, max_length=10**9)
-    items = load_eval_items(ev.data, ev.images, ev.category_key, ev.max_samples)
-    evaluate_exact_match(
-        model, processor, build_encoder(processor, data), items, batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens, device=dist.device, rank=dist.rank, world_size=dist.world_size,
-        out_dir=Path(args.out) if args.out else Path(args.model) / "eval", name=Path(ev.data).stem,
-        title=args.model,
-    )
-    ds.destroy()
+                    category_key=args.category_key, **given)
+    run_exact_match(args.model, ev, chat_template=args.chat_template, attn=args.attn, out=args.out)
     return 0
 
 
 def cmd_export(args) -> int:
     """HF model directory from any complete checkpoint of a run (e.g. one that died before its export)."""
-    import torch
-    import yaml
+    from aligntI.engine import export_checkpoint
 
-    from aligntI import engine as ds
-    from aligntI.config import AttentionConfig
-    from aligntI.models.loading import load_model, load_processor
-
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"--run {run}: not a run directory (no config.yaml)")
-    resolved = yaml.safe_load((run / "config.yaml").read_text())
-    tag = args.tag or ds.latest_complete_checkpoint(run / "checkpoints")
-    if tag is None or not (run / "checkpoints" / tag / "COMPLETE").is_file():
-        raise ConfigError(f"--run {run}: no complete checkpoint {tag or ''} under {run / 'checkpoints'}")
-    model = load_model(resolved["model"]["path"], AttentionConfig(), torch.float32)
-    state = ds.consolidate_checkpoint(run / "checkpoints", tag)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if model.config.get_text_config().tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise SystemExit(f"aligntI export: checkpoint and model disagree: missing {missing}, unexpected {unexpected}")
-    out = Path(args.out) if args.out else run / f"export_{tag}"
-    model.save_pretrained(out)
-    load_processor(resolved["model"]["path"]).save_pretrained(out)
-    print(f"exported {run / 'checkpoints' / tag} to {out}")
+    tag, out = export_checkpoint(Path(args.run), args.tag, Path(args.out) if args.out else None)
+    print(f"exported {Path(args.run) / 'checkpoints' / tag} to {out}")
     return 0
 
 

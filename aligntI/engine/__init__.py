@@ -8,13 +8,13 @@ One module per concern; the public names are re-exported here (``from aligntI im
 * :mod:`.student`: the training engine (backward/step, checkpoint save and load);
 * :mod:`.teacher`: forward-only engines (the frozen teacher, ZeRO-3 evaluation) and parameter gathering;
 * :mod:`.checkpoints`: which checkpoints are complete, pruning, offline consolidation, atomic writes;
-* :mod:`.export`: the ZeRO-3-safe export to an HF model directory.
+* :mod:`.export`: export to an HF model directory, ZeRO-3-safe at the end of training or from a checkpoint.
 """
 
 from aligntI.engine.checkpoints import consolidate_checkpoint, latest_complete_checkpoint, prune_checkpoints
 from aligntI.engine.dist import DistInfo, accelerator_name, all_reduce_sum, barrier, destroy, init_distributed
 from aligntI.engine.ds_config import build_ds_config, sharded_loading, teacher_ds_config, use_bf16
-from aligntI.engine.export import export_hf
+from aligntI.engine.export import export_checkpoint, export_hf
 from aligntI.engine.student import StudentEngine
 from aligntI.engine.teacher import TeacherEngine, gathered_parameters, inference_engine
 
@@ -24,5 +24,5 @@ __all__ = [
     "StudentEngine",
     "TeacherEngine", "inference_engine", "gathered_parameters",
     "latest_complete_checkpoint", "prune_checkpoints", "consolidate_checkpoint",
-    "export_hf",
+    "export_hf", "export_checkpoint",
 ]

@@ -1,4 +1,5 @@
-"""Export of the trained student to an HF model directory that ``from_pretrained`` loads (ZeRO-3 safe)."""
+"""Export to an HF model directory that ``from_pretrained`` loads: of the student at the end of training (ZeRO-3
+safe), or of any complete checkpoint of a run afterwards (``aligntI export``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import yaml
+
+from aligntI.config import AttentionConfig, ConfigError
+from aligntI.engine.checkpoints import consolidate_checkpoint, latest_complete_checkpoint
 
 if TYPE_CHECKING:
     from aligntI.engine.student import StudentEngine
@@ -30,3 +35,27 @@ def export_hf(student: StudentEngine, out_dir: Path, processor, rank: int) -> No
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     torch.distributed.barrier()
+
+
+def export_checkpoint(run: Path, tag: str | None = None, out: Path | None = None) -> tuple[str, Path]:
+    """Write checkpoint ``tag`` of run directory ``run`` (default: its newest complete one) as an HF model
+    directory (default ``run/export_<tag>``), from the run's own ``config.yaml``; returns the tag and the directory."""
+    from aligntI.models.loading import load_model, load_processor  # transformers: only when exporting
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--run {run}: not a run directory (no config.yaml)")
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    tag = tag or latest_complete_checkpoint(run / "checkpoints")
+    if tag is None or not (run / "checkpoints" / tag / "COMPLETE").is_file():
+        raise ConfigError(f"--run {run}: no complete checkpoint {tag or ''} under {run / 'checkpoints'}")
+    model = load_model(resolved["model"]["path"], AttentionConfig(), torch.float32)
+    state = consolidate_checkpoint(run / "checkpoints", tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.get_text_config().tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise SystemExit(f"aligntI export: checkpoint and model disagree: missing {missing}, unexpected {unexpected}")
+    out = Path(out) if out else run / f"export_{tag}"
+    model.save_pretrained(out)
+    load_processor(resolved["model"]["path"]).save_pretrained(out)
+    return tag, out

@@ -30,10 +30,8 @@ def test_recipe_and_cli_know_the_registry_benchmarks():
 
 
 def test_bench_flags_fill_the_recipe_and_leave_its_defaults(monkeypatch):
-    import aligntI.cli as cli
-
     seen = []
-    monkeypatch.setattr(cli, "evaluate_recipe", lambda recipe: seen.append(recipe) or 0)
+    monkeypatch.setattr("aligntI.eval.run.run_eval_recipe", seen.append)
     assert main(["eval", "--model", "m", "--bench", "pope", "--data", "q.jsonl"]) == 0
     assert seen[-1] == EvalRecipe("m", [BenchmarkConfig("pope", "q.jsonl")])
     assert main(["eval", "--model", "m", "--bench", "pope", "--data", "q.jsonl", "--batch-size", "4"]) == 0
