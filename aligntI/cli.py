@@ -19,35 +19,11 @@ def cmd_plan(args) -> int:
 
 def cmd_irs(args) -> int:
     """IRS of every layer of a model on calibration samples: table, irs.json, irs.png, the chosen layer."""
-    import torch
-
-    from aligntI import engine as ds
-    from aligntI.config import AttentionConfig, DataConfig, DataSource
-    from aligntI.data.loader import build_sequential_loader
-    from aligntI.hooks.attention import install
-    from aligntI.irs import compute_irs, format_table, write_report
-    from aligntI.models.loading import load_model, load_processor
+    from aligntI.irs import run_irs
 
     irs = IRSConfig(samples=args.samples, pairing=args.pairing, data=args.data, images=args.images)
-    irs.validate()  # the checks of a recipe's irs: section
-    install()
-    dist = ds.init_distributed()
-    dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
-    processor = load_processor(args.model)
-    model = load_model(args.model, AttentionConfig(args.attn, "sdpa"), dtype).to(dist.device).eval()
-    data = DataConfig(train=[DataSource(irs.data, images=irs.images)], chat_template=args.chat_template,
-                      max_length=args.max_length, num_workers=1)
-    loader = build_sequential_loader(processor, data, batch_size=args.batch_size, sample=irs.samples,
-                                     seed=args.seed, rank=dist.rank, world_size=dist.world_size)
-    report = compute_irs(model, model, loader, dist.device, dtype, irs.pairing, dist.is_main, args.model)
-    if dist.is_main:
-        out = Path(args.out) if args.out else Path(args.model) / "irs"
-        write_report(out, report)
-        print(format_table(report["irs"], report["chosen_layer"]))
-        print(f"IRS on {report['samples']} samples ({report['pairs']} {report['pairing']} pairs; "
-              f"{report['left_out_no_image_or_instruction']} without image or instruction left out). "
-              f"Chosen IVA layer: {report['chosen_layer']}. Wrote {out / 'irs.json'} and {out / 'irs.png'}")
-    ds.destroy()
+    run_irs(args.model, irs, attn=args.attn, chat_template=args.chat_template, max_length=args.max_length,
+            batch_size=args.batch_size, seed=args.seed, out=args.out)
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from aligntI.config import ConfigError
+from aligntI.config import AttentionConfig, ConfigError, DataConfig, DataSource, IRSConfig
 from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks.attention import AttentionCapture, decoder_layers
@@ -145,4 +145,35 @@ def calibrate_iva_layer(teacher, processor, cfg, dist) -> dict:
                          dist.is_main, cfg.teacher.path)
     if dist.is_main:
         write_report(Path(cfg.run_dir), report)
+    return report
+
+
+def run_irs(model_dir: str, irs: IRSConfig, *, attn: str, chat_template: str, max_length: int, batch_size: int,
+            seed: int, out: str | None) -> dict:
+    """``aligntI irs``: IRS of every layer of the model in ``model_dir`` on ``irs.samples`` samples of ``irs.data``,
+    one process or sharded over the ranks of a launcher; the main rank writes irs.json and irs.png to ``out``
+    (default ``<model>/irs``) and prints the table. Returns the report."""
+    from aligntI import engine as ds
+    from aligntI.hooks.attention import install
+    from aligntI.models.loading import load_model, load_processor
+
+    irs.validate()  # the checks of a recipe's irs: section
+    install()
+    dist = ds.init_distributed()
+    dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
+    processor = load_processor(model_dir)
+    model = load_model(model_dir, AttentionConfig(attn, "sdpa"), dtype).to(dist.device).eval()
+    data = DataConfig(train=[DataSource(irs.data, images=irs.images)], chat_template=chat_template,
+                      max_length=max_length, num_workers=1)
+    loader = build_sequential_loader(processor, data, batch_size=batch_size, sample=irs.samples, seed=seed,
+                                     rank=dist.rank, world_size=dist.world_size)
+    report = compute_irs(model, model, loader, dist.device, dtype, irs.pairing, dist.is_main, model_dir)
+    if dist.is_main:
+        out_dir = Path(out) if out else Path(model_dir) / "irs"
+        write_report(out_dir, report)
+        print(format_table(report["irs"], report["chosen_layer"]))
+        print(f"IRS on {report['samples']} samples ({report['pairs']} {report['pairing']} pairs; "
+              f"{report['left_out_no_image_or_instruction']} without image or instruction left out). "
+              f"Chosen IVA layer: {report['chosen_layer']}. Wrote {out_dir / 'irs.json'} and {out_dir / 'irs.png'}")
+    ds.destroy()
     return report
