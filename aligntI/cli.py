@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -165,11 +166,20 @@ def cmd_attention_maps(args) -> int:
     return 0
 
 
+def default_of(function, name: str):
+    """A flag's default is the default of the parameter it fills, so it is written once."""
+    return inspect.signature(function).parameters[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from aligntI.config import EvalConfig, RecipeConfig
+    from aligntI.config import EvalConfig
+    from aligntI.eval.attention_maps import compute_attention_maps
     from aligntI.eval.benchmarks import BENCHMARKS
     from aligntI.eval.recipe import EvalRecipe
+    from aligntI.irs import run_irs
+    from aligntI.models.assemble import assemble
     from aligntI.plan import GPU_MEMORY_GIB
+    from aligntI.tasks.digitgrid import write_digitgrid
 
     parser = argparse.ArgumentParser(prog="aligntI", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,22 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
     p.add_argument("--samples", type=int, default=IRSConfig.samples,
                    help="a random sample of N records of --data (all of them if fewer; the same count per rank)")
-    p.add_argument("--seed", type=int, default=RecipeConfig.seed,
-                   help=f"seed of the sample (default: {RecipeConfig.seed}, as in a recipe)")
+    p.add_argument("--seed", type=int, default=default_of(run_irs, "seed"),
+                   help="seed of the sample (default: %(default)s, as in a recipe)")
     p.add_argument("--pairing", choices=["any", "same_image"], default=IRSConfig.pairing)
     p.add_argument("--chat-template", default=None, help="template name or .jinja (default: the processor's)")
-    p.add_argument("--attn", default="sdpa", help="text attention backend")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=4096)
+    p.add_argument("--attn", default=default_of(run_irs, "attn"), help="text attention backend")
+    p.add_argument("--batch-size", type=int, default=default_of(run_irs, "batch_size"))
+    p.add_argument("--max-length", type=int, default=default_of(run_irs, "max_length"))
     p.add_argument("--out", default=None, help="output folder (default: <model>/irs)")
     p.set_defaults(func=cmd_irs)
 
     p = sub.add_parser("digitgrid", help="write the DigitGrid CPU example dataset and its tokenizer")
     p.add_argument("--out", default="data/digitgrid")
-    p.add_argument("--train-size", type=int, default=30000)
-    p.add_argument("--val-size", type=int, default=500)
-    p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=1234)
+    for name in ("train_size", "val_size", "test_size", "seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default_of(write_digitgrid, name))
     p.set_defaults(func=cmd_digitgrid)
 
     p = sub.add_parser("init-model", help="save a random LLaVA model of a spec YAML with its processor")
@@ -223,9 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "half) with its preprocessor_config.json")
     p.add_argument("--llm", required=True, help="causal LM checkpoint directory with its tokenizer (e.g. Qwen2.5)")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--chat-template", default="llava_v1", help="template name or .jinja (saved with the processor)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="dtype of the saved weights")
-    p.add_argument("--seed", type=int, default=0, help="seed of the projector's random initialisation")
+    p.add_argument("--chat-template", default=default_of(assemble, "chat_template"),
+                   help="template name or .jinja (saved with the processor)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=default_of(assemble, "dtype"),
+                   help="dtype of the saved weights")
+    p.add_argument("--seed", type=int, default=default_of(assemble, "seed"),
+                   help="seed of the projector's random initialisation")
     p.set_defaults(func=cmd_assemble)
 
     p = sub.add_parser("export", help="write an HF model directory from a run's checkpoint (fp32, offline)")
@@ -279,10 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, help="template name or .jinja (default: the processor's)")
     p.add_argument("--predictions", action="append", default=[], metavar="NAME=FILE",
                    help="optional: a model's answers (aligntI eval's *_predictions.jsonl) shown in the titles")
-    p.add_argument("--attn", default="sdpa", help="text attention backend (sdpa or eager)")
+    p.add_argument("--attn", default=default_of(compute_attention_maps, "attn"),
+                   help="text attention backend (sdpa or eager)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=default_of(compute_attention_maps, "batch_size"))
+    p.add_argument("--max-length", type=int, default=default_of(compute_attention_maps, "max_length"))
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_attention_maps)
     return parser

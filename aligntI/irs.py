@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from aligntI.config import AttentionConfig, ConfigError, DataConfig, DataSource, IRSConfig
+from aligntI.config import AttentionConfig, ConfigError, DataConfig, DataSource, IRSConfig, RecipeConfig
 from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks.attention import AttentionCapture, decoder_layers
@@ -148,8 +148,9 @@ def calibrate_iva_layer(teacher, processor, cfg, dist) -> dict:
     return report
 
 
-def run_irs(model_dir: str, irs: IRSConfig, *, attn: str, chat_template: str, max_length: int, batch_size: int,
-            seed: int, out: str | None) -> dict:
+def run_irs(model_dir: str, irs: IRSConfig, *, attn: str = "sdpa", chat_template: str | None = None,
+            max_length: int = 4096, batch_size: int = 16, seed: int = RecipeConfig.seed,
+            out: str | None = None) -> dict:
     """``aligntI irs``: IRS of every layer of the model in ``model_dir`` on ``irs.samples`` samples of ``irs.data``,
     one process or sharded over the ranks of a launcher; the main rank writes irs.json and irs.png to ``out``
     (default ``<model>/irs``) and prints the table. Returns the report."""

@@ -249,14 +249,12 @@ def write_digitgrid(
     return meta
 
 
-def write_digitgrid_with_tokenizer(out_dir, *, train_size: int = 30000, val_size: int = 500, test_size: int = 1000,
-                                   seed: int = 1234, progress: bool = True):
-    """Write DigitGrid (:func:`write_digitgrid`) and, in ``out_dir/tokenizer``, a word-level tokenizer trained on
-    its text; returns the metadata and the tokenizer."""
+def write_digitgrid_with_tokenizer(out_dir, **digitgrid_args):
+    """Write DigitGrid (:func:`write_digitgrid`, which ``digitgrid_args`` go to) and, in ``out_dir/tokenizer``, a
+    word-level tokenizer trained on its text; returns the metadata and the tokenizer."""
     from aligntI.models.builder import wordlevel_tokenizer
 
-    meta = write_digitgrid(out_dir, train_size=train_size, val_size=val_size, test_size=test_size, seed=seed,
-                           progress=progress)
+    meta = write_digitgrid(out_dir, **digitgrid_args)
     records = json.loads(Path(out_dir, "train.json").read_text())
     # The role words come from the chat template; everything else from the task's own text.
     corpus = ["USER: ASSISTANT:"] + [t["value"].replace("<image>", " ") for r in records for t in r["conversations"]]
