@@ -74,8 +74,11 @@ def barrier() -> None:
 
 def destroy() -> None:
     """End the process group through DeepSpeed, which also drops the groups it cached (a stale one would break
-    the next run started in the same process)."""
+    the next run started in the same process). The barrier first: a gloo rank that tears down while a peer is
+    still busy (rank 0 writing a report) can abort at exit with "terminate called without an active exception"."""
     if torch.distributed.is_initialized():
         import deepspeed.comm
+
+        torch.distributed.barrier()
 
         deepspeed.comm.destroy_process_group()
