@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from aligntI.config import AttentionConfig, ConfigError, DataConfig, DataSource, IRSConfig, RecipeConfig
+from aligntI.config import ConfigError, DataConfig, DataSource, IRSConfig, RecipeConfig
 from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks.attention import AttentionCapture, decoder_layers
@@ -155,20 +155,20 @@ def run_irs(model_dir: str, irs: IRSConfig, *, attn: str = "sdpa", chat_template
     one process or sharded over the ranks of a launcher; the main rank writes irs.json and irs.png to ``out``
     (default ``<model>/irs``) and prints the table. Returns the report."""
     from aligntI import engine as ds
+    from aligntI.eval.run import load_eval_model
     from aligntI.hooks.attention import install
-    from aligntI.models.loading import load_model, load_processor
+    from aligntI.models.loading import load_processor
 
     irs.validate()  # the checks of a recipe's irs: section
     install()
     dist = ds.init_distributed()
-    dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
     processor = load_processor(model_dir)
-    model = load_model(model_dir, AttentionConfig(attn, "sdpa"), dtype).to(dist.device).eval()
+    model = load_eval_model(model_dir, attn, False, dist)
     data = DataConfig(train=[DataSource(irs.data, images=irs.images)], chat_template=chat_template,
                       max_length=max_length, num_workers=1)
     loader = build_sequential_loader(processor, data, batch_size=batch_size, sample=irs.samples, seed=seed,
                                      rank=dist.rank, world_size=dist.world_size)
-    report = compute_irs(model, model, loader, dist.device, dtype, irs.pairing, dist.is_main, model_dir)
+    report = compute_irs(model, model, loader, dist.device, model.dtype, irs.pairing, dist.is_main, model_dir)
     if dist.is_main:
         out_dir = Path(out) if out else Path(model_dir) / "irs"
         write_report(out_dir, report)
