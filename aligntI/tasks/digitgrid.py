@@ -53,7 +53,7 @@ FORMAT_VERSION = 1  # bump when the generator changes so cached datasets are reb
 META_NAME = "digitgrid.json"
 
 # v -> round(v/16*255) for v in 0..16; a table keeps the rounding identical everywhere.
-_LEVELS = np.round(np.arange(17) / 16 * 255).astype(np.uint8)
+LEVELS = np.round(np.arange(17) / 16 * 255).astype(np.uint8)
 
 
 def vocabulary() -> list[str]:
@@ -65,7 +65,7 @@ def vocabulary() -> list[str]:
 
 
 @lru_cache(maxsize=1)
-def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -78,7 +78,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def split_pools(seed: int) -> dict[str, np.ndarray]:
     """Disjoint source-image indices per split (seeded permutation: test 300, val 200, train the rest)."""
-    images, _ = _load_digits()
+    images, _ = load_digits()
     perm = np.random.default_rng(seed).permutation(len(images))
     return {
         "test": np.sort(perm[:TEST_POOL]),
@@ -89,7 +89,7 @@ def split_pools(seed: int) -> dict[str, np.ndarray]:
 
 def render_grid(digit_images: np.ndarray) -> np.ndarray:
     """(4, 8, 8) values 0..16 -> uint8 RGB [32, 32, 3] with cells TL, TR, BL, BR, 2x nearest upscaling."""
-    cells = _LEVELS[np.asarray(digit_images, dtype=np.int64)]
+    cells = LEVELS[np.asarray(digit_images, dtype=np.int64)]
     grid = np.block([[cells[0], cells[1]], [cells[2], cells[3]]])
     grid = grid.repeat(UPSCALE, axis=0).repeat(UPSCALE, axis=1)
     return np.repeat(grid[:, :, None], 3, axis=2)
@@ -124,7 +124,7 @@ def make_example(
     return render_grid(digit_images), question, answer
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
+def png_bytes(image: np.ndarray) -> bytes:
     # Encode in memory then write once: cheaper than letting PIL open the file, and PNG output carries no
     # timestamp, so identical pixels give identical bytes.
     buf = io.BytesIO()
@@ -140,9 +140,9 @@ def _params(train_size: int, val_size: int, test_size: int, seed: int) -> dict:
     }
 
 
-def _hash_splits(out: Path) -> str:
+def hash_splits(out: Path, splits: tuple[str, ...] = SPLITS) -> str:
     h = hashlib.sha256()
-    for split in SPLITS:
+    for split in splits:
         h.update(f"{split}.json\0".encode())
         h.update((out / f"{split}.json").read_bytes())
     return h.hexdigest()
@@ -152,7 +152,7 @@ def _try_reuse(out: Path, params: dict) -> dict | None:
     """Return cached metadata if the dataset on disk was built with ``params`` and looks intact."""
     try:
         meta = json.loads((out / META_NAME).read_text())
-        if {k: meta.get(k) for k in params} != params or meta.get("sha256") != _hash_splits(out):
+        if {k: meta.get(k) for k in params} != params or meta.get("sha256") != hash_splits(out):
             return None
         for split in SPLITS:
             names = {e.name for e in os.scandir(out / "images" / split)}
@@ -186,7 +186,7 @@ def write_digitgrid(
         print(f"digitgrid: reusing existing dataset at {out}")
         return meta
 
-    images, labels = _load_digits()
+    images, labels = load_digits()
     pools = split_pools(seed)
     out.mkdir(parents=True, exist_ok=True)
     # Metadata goes last; remove the old one first so an interrupted rewrite is never mistaken for complete.
@@ -212,7 +212,7 @@ def write_digitgrid(
             src = pool[rng.choice(len(pool), size=4, replace=False)]
             image, question, answer = make_example(images[src], labels[src], category, rng)
             rel = f"images/{split}/{i:06d}.png"
-            (out / rel).write_bytes(_png_bytes(image))
+            (out / rel).write_bytes(png_bytes(image))
             records.append(
                 {
                     "id": f"{split}-{i:06d}",
@@ -243,21 +243,26 @@ def write_digitgrid(
         "pool_sizes": {s: len(pools[s]) for s in SPLITS},
         "pools": {s: pools[s].tolist() for s in SPLITS},
         "vocabulary": vocabulary(),
-        "sha256": _hash_splits(out),
+        "sha256": hash_splits(out),
     }
     (out / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
 
-def write_digitgrid_with_tokenizer(out_dir, **digitgrid_args):
-    """Write DigitGrid (:func:`write_digitgrid`, which ``digitgrid_args`` go to) and, in ``out_dir/tokenizer``, a
-    word-level tokenizer trained on its text; returns the metadata and the tokenizer."""
+def write_tokenizer(out_dir):
+    """A word-level tokenizer trained on the text of ``out_dir/train.json``, saved in ``out_dir/tokenizer``."""
     from aligntI.models.builder import wordlevel_tokenizer
 
-    meta = write_digitgrid(out_dir, **digitgrid_args)
     records = json.loads(Path(out_dir, "train.json").read_text())
     # The role words come from the chat template; everything else from the task's own text.
     corpus = ["USER: ASSISTANT:"] + [t["value"].replace("<image>", " ") for r in records for t in r["conversations"]]
     tokenizer = wordlevel_tokenizer(corpus)
     tokenizer.save_pretrained(Path(out_dir, "tokenizer"))
-    return meta, tokenizer
+    return tokenizer
+
+
+def write_digitgrid_with_tokenizer(out_dir, **digitgrid_args):
+    """Write DigitGrid (:func:`write_digitgrid`, which ``digitgrid_args`` go to) and, in ``out_dir/tokenizer``, a
+    word-level tokenizer trained on its text (:func:`write_tokenizer`); returns the metadata and the tokenizer."""
+    meta = write_digitgrid(out_dir, **digitgrid_args)
+    return meta, write_tokenizer(out_dir)

@@ -66,8 +66,8 @@ def test_split_pools_disjoint(written):
 
     # Check the written pixels, not just the bookkeeping: every cell of every image is a source digit
     # from its own split's pool. Identical source images (if any) map to a set of indices.
-    images, _ = dg._load_digits()
-    rendered = dg._LEVELS[images]
+    images, _ = dg.load_digits()
+    rendered = dg.LEVELS[images]
     by_pixels: dict[bytes, set[int]] = {}
     for i, r in enumerate(rendered):
         by_pixels.setdefault(r.tobytes(), set()).add(i)
@@ -139,7 +139,7 @@ def test_vocabulary_and_category_balance():
     vocab = set(dg.vocabulary())
     assert len(vocab) == len(dg.vocabulary())
     rng = np.random.default_rng(0)
-    images, labels = dg._load_digits()
+    images, labels = dg.load_digits()
     counts = Counter()
     for _ in range(2000):
         cat = dg.CATEGORIES[int(rng.integers(4))]
@@ -176,8 +176,8 @@ def test_written_records(written):
 def test_written_answers_match_labels(written):
     """Answers in the files agree with the digits actually drawn (labels recovered from the pixels)."""
     out, _ = written
-    images, labels = dg._load_digits()
-    rendered = dg._LEVELS[images].reshape(len(images), -1)
+    images, labels = dg.load_digits()
+    rendered = dg.LEVELS[images].reshape(len(images), -1)
     by_pixels = {}
     for r, lab in zip(rendered, labels):
         by_pixels.setdefault(r.tobytes(), set()).add(int(lab))

@@ -1,0 +1,107 @@
+"""GridRead: answers read back from the pixels, disjoint pools, determinism, the options, the token mask."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aligntI.tasks import digitgrid as dg
+from aligntI.tasks.gridread import GridReadOptions, cell_token_mask, parse_options, write_gridread
+
+OPTIONS = GridReadOptions(grid=3, upscale=1, phrasings=3, train_size=40, val_size=20, test_size=20, seed=7)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gridread")
+    return out, write_gridread(out, OPTIONS, progress=False)
+
+
+def read_cells(path, grid):
+    """Each cell of an image back to (source index, label) by exact match against every rendered source digit."""
+    images, labels = dg.load_digits()
+    rendered = dg.LEVELS[images].reshape(len(images), -1)
+    pixels = np.asarray(Image.open(path))[:, :, 0]
+    out = []
+    for r in range(grid):
+        for c in range(grid):
+            cell = pixels[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8].reshape(-1)
+            match = np.flatnonzero((rendered == cell).all(-1))
+            out.append((match, labels[match[0]]))
+    return out
+
+
+def expected(question: str, labels: list[int], n: int) -> str:
+    """The answer, from the question's words and the digits read from the image."""
+    words = question.split()
+    nums = [int(w) for w in words if w.isdigit()]
+    rows = [labels[i * n:(i + 1) * n] for i in range(n)]
+    if "cell" in words or ("row" in words and "column" in words):
+        return str(rows[nums[0] - 1][nums[1] - 1])
+    if ("sum" in words or "add" in words) and nums:
+        return " ".join(str(sum(rows[nums[0] - 1])))
+    if "sums" in words or "each" in words:
+        return " , ".join(" ".join(str(sum(r))) for r in rows)
+    if "row" in words and nums:
+        return " ".join(map(str, rows[nums[0] - 1]))
+    if "column" in words and nums:
+        return " ".join(str(r[nums[0] - 1]) for r in rows)
+    if nums:  # where / find / which cells hold
+        hits = [f"{i // n + 1} {i % n + 1}" for i, x in enumerate(labels) if x == nums[0]]
+        return " , ".join(hits) or "none"
+    return " , ".join(" ".join(map(str, r)) for r in rows)  # the whole grid
+
+
+def test_every_answer_matches_the_digits_in_its_image(data):
+    out, meta = data
+    pools = {s: set(v) for s, v in meta["pools"].items()}
+    seen = set()
+    for split in ("train", "val", "test"):
+        for rec in json.loads((out / f"{split}.json").read_text()):
+            cells = read_cells(out / rec["image"], 3)
+            for match, _ in cells:  # every source digit of the image comes from the split's own pool
+                assert any(int(m) in pools[split] for m in match)
+            question = rec["conversations"][0]["value"].removeprefix("<image>\n")
+            labels = [int(label) for _, label in cells]
+            assert rec["conversations"][1]["value"] == expected(question, labels, 3), question
+            seen.add(rec["category"])
+            n_cells = {"cell": 1, "row": 3, "column": 3, "row_sum": 3}.get(rec["category"], 9)
+            assert len(rec["cells"]) == n_cells
+    assert not pools["train"] & pools["test"] and not pools["val"] & pools["test"]
+    assert seen == {"cell", "row", "column", "row_sum", "where", "grid", "row_sums"}
+
+
+def test_same_options_same_bytes_other_seed_other_data(tmp_path, data):
+    out, meta = data
+    again = write_gridread(tmp_path / "a", OPTIONS, progress=False)
+    assert again["sha256"] == meta["sha256"] and again["options"]["grid"] == 3
+    other = write_gridread(tmp_path / "b", GridReadOptions(**{**vars(OPTIONS), "seed": 8}), progress=False)
+    assert other["sha256"] != meta["sha256"]
+
+
+def test_mix_leaves_out_categories_and_the_row_separator_is_an_answer_form(tmp_path):
+    opts = parse_options(["grid=2", "upscale=1", "mix=grid:1", "row_separator=false", "train_size=5",
+                          "val_size=0", "test_size=0"])
+    write_gridread(tmp_path, opts, progress=False)
+    recs = json.loads((tmp_path / "train.json").read_text())
+    assert {r["category"] for r in recs} == {"grid"}
+    assert all(len(r["conversations"][1]["value"].split()) == 4 for r in recs)  # 4 digits, no ","
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["grid=12"], "grid must be 2..9"), (["mix=cell:1,color:2"], "unknown categories"),
+    (["phrasings=4"], "phrasings must be 1..3"), (["size=3"], "expected key=value"),
+    (["grid=x"], "expected an integer"), (["mix=cell"], "cat:weight"), (["mix=cell:0"], "positive sum"),
+])
+def test_bad_options_say_what_is_wrong(bad, message):
+    with pytest.raises(ValueError, match=message):
+        parse_options(bad)
+
+
+def test_cell_token_mask_covers_the_cells_patches():
+    mask = cell_token_mask([5], grid=4, patch_grid=8).reshape(8, 8)  # row 1, column 1: patches 2-3 x 2-3
+    assert np.array_equal(np.argwhere(mask), [[2, 2], [2, 3], [3, 2], [3, 3]])
+    assert cell_token_mask(list(range(16)), 4, 8).all()
+    with pytest.raises(ValueError):
+        cell_token_mask([0], grid=3, patch_grid=8)
