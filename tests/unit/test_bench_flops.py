@@ -102,3 +102,21 @@ def test_replay_on_meta_counts_what_the_real_passes_count(flops, tmp_path, digit
     kept = candidates.numel()
     assert real["candidates"] == 2 * layout.input_ids.numel() * decoder + 4 * attention + \
         2 * kept * text.hidden_size * text.vocab_size
+
+
+def test_gpu_check_names_the_pinned_wheels_of_what_is_missing(monkeypatch, capsys):
+    path = REPO / "recipes" / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    pinned = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    monkeypatch.setattr(gpu_check, "NEEDED", {"torch": "torch", "not_installed_a": "deepspeed",
+                                              "not_installed_b": "hjson"})
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.check_imports()
+    assert exit_info.value.code == 2
+    out = capsys.readouterr().out
+    assert f"pip wheel --no-deps -w .whl deepspeed=={pinned['deepspeed']}" in out  # no wheel on PyPI: built
+    assert f"-d .whl hjson=={pinned['hjson']}" in out
+    assert "torch==" not in out
