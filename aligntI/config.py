@@ -165,11 +165,14 @@ class EvalConfig:
 
 @dataclass
 class TeacherConfig:
-    """The frozen model distilled from: its own DeepSpeed engine, no optimizer, sharded like the student."""
+    """The frozen model distilled from: its own DeepSpeed engine, no optimizer."""
 
     path: str
     attn_implementation: AttentionConfig = field(default_factory=AttentionConfig)
-    offload_params: bool = False  # ZeRO-3: keep the teacher's parameters in CPU memory between uses
+    # sharded: ZeRO-3 over the ranks, gathered layer by layer in each forward; replicated: whole on every
+    # rank, no gathers (for a teacher that fits beside the student); offload: sharded, held in CPU memory
+    # between uses. auto: sharded when the student is ZeRO-3, else replicated.
+    placement: Literal["auto", "sharded", "replicated", "offload"] = "auto"
 
 
 @dataclass
@@ -248,12 +251,25 @@ class TPAConfig:
     exclude_gt: bool = True  # never draw the ground-truth token (its transition is the next KD row)
     weighting: Literal["uniform", "student_prob"] = "uniform"  # candidate weights within a position
     max_positions: int | None = None  # per sample, drawn at random each step; default: every response position
+    # How the student scores its candidates. separate: its ground-truth pass, then a candidate pass (fewest
+    # FLOPs). joint: a no-grad pass to draw them (source: student), then one pass over ground truth and
+    # candidates together. auto: whichever ZeRO-3 gathers fewer parameters for (see student_joint).
+    student_passes: Literal["auto", "joint", "separate"] = "auto"
 
     def validate(self) -> None:
         if self.candidates < 1:
             raise ConfigError(f"tpa.candidates: must be >= 1, got {self.candidates}")
         if self.max_positions is not None and self.max_positions < 1:
             raise ConfigError(f"tpa.max_positions: must be >= 1 (or null for all), got {self.max_positions}")
+
+    def student_joint(self, student_ds_config: dict, parts: dict[str, int]) -> bool:
+        """``student_passes`` resolved for a student with ``parts`` parameters per part (vision_tower, projector,
+        llm). auto picks the fewer ZeRO-3 gathers: joint gathers the whole model once more (the sampling
+        pass), separate the LLM twice more (the candidate pass and its backward), so joint wins when the
+        LLM outweighs the vision tower and projector. Without ZeRO-3 there are no gathers: separate."""
+        if self.student_passes == "auto":
+            return zero_stage(student_ds_config) == 3 and parts["llm"] > parts["vision_tower"] + parts["projector"]
+        return self.student_passes == "joint"
 
 
 @dataclass
@@ -311,7 +327,7 @@ class RecipeConfig:
         self.data.validate()
         self.optim.validate()
         self.train.validate()
-        ds = check_ds_config(self.engine)
+        check_ds_config(self.engine)
         if self.eval is not None:
             self.eval.validate()
         distill_sections = ("loss", "kd", "iva", "tpa", "irs")
@@ -320,9 +336,6 @@ class RecipeConfig:
             if given:
                 raise ConfigError(f"{given[0]}: distillation settings need a teacher (add a teacher: section)")
             return
-        if self.teacher.offload_params and zero_stage(ds) != 3:
-            raise ConfigError(f"teacher.offload_params: needs ZeRO-3, but {self.engine.ds_config} "
-                              f"(engine.ds_config) has zero_optimization.stage {zero_stage(ds)}")
         # Defaults are filled in so the resolved config.yaml shows every value in effect.
         self.loss = self.loss or LossWeights()
         self.kd = self.kd or KDConfig()

@@ -253,10 +253,14 @@ def teacher_memory(shape: ModelShape, cfg: RecipeConfig, ds_config: dict, world:
         cand = _tpa_rows(cfg)
         items.append(MemoryItem("TPA logits", cand * shape.vocab * b,
                                 f"positions*d*V*b, {cand:,} candidate rows (positions: max_positions or L)"))
-        record = shape.layers * tokens * 2 * shape.kv_dim * b  # every layer's keys/values, kept for the pass
-        prefix = cfg.tpa.candidates * tokens * 2 * shape.kv_dim * b
-        items.append(MemoryItem("TPA candidate pass", record + cand * per_layer + prefix,
-                                "all layers' K/V record + one candidate layer"))
+        prefix = cfg.tpa.candidates * tokens * 2 * shape.kv_dim * b  # one layer's K/V, repeated per candidate
+        if cfg.tpa.source == "teacher":  # it draws the candidates itself: a ground-truth then a candidate pass
+            record = shape.layers * tokens * 2 * shape.kv_dim * b  # every layer's keys/values, kept for the pass
+            items.append(MemoryItem("TPA candidate pass", record + cand * per_layer + prefix,
+                                    "all layers' K/V record + one candidate layer"))
+        else:
+            items.append(MemoryItem("TPA joint pass", cand * per_layer + prefix,
+                                    "the candidate rows of one layer + its K/V repeated d times"))
     if cfg.loss.iva > 0 and cfg.iva.uses_teacher_attention:
         items.append(MemoryItem("IVA capture", shape.heads * tokens * shape.image_tokens * 4,
                                 "heads*T*image tokens*4"))
@@ -268,6 +272,56 @@ def _tpa_rows(cfg: RecipeConfig) -> int:
     length = cfg.data.max_length
     positions = min(cfg.tpa.max_positions or length, length)
     return cfg.train.micro_batch_size * positions * cfg.tpa.candidates
+
+
+# ---------------------------------------------------------------- parameter traffic
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes one GPU passes to collectives per optimizer step (as whole gathered tensors, the way DeepSpeed's
+    comms logger counts them), and the parameter bytes it copies from CPU memory."""
+
+    gathered: float
+    reduced: float
+    from_host: float
+
+
+def _gathers_per_micro_batch(cfg: RecipeConfig, role: str, parts: dict[str, int], student_joint: bool) -> tuple[
+        int, str]:
+    """Parameters a ZeRO-3 model gathers per micro-batch under this recipe's step (recipes/train.py), and how.
+
+    A forward with an image gathers every part; a candidate pass (no image) only the LLM; backward gathers
+    what gradients flow through: the LLM and projector, the vision tower too when it trains.
+    """
+    full, llm = sum(parts.values()), parts.get("llm", 0)
+    tpa = cfg.teacher is not None and cfg.loss.tpa > 0
+    if role == "teacher":
+        if not tpa:
+            return full, "1 forward"
+        if cfg.tpa.source == "teacher":
+            return full + llm, "ground-truth forward + candidate forward (LLM)"
+        return full, "1 joint forward"
+    backward = full - (0 if "vision_tower" in cfg.model.trainable else parts.get("vision_tower", 0))
+    if not tpa:
+        return full + backward, "forward + backward"
+    if student_joint:
+        sampling = full if cfg.tpa.source == "student" else 0
+        return sampling + full + backward, ("sampling forward + " if sampling else "") + "joint forward + backward"
+    return full + llm + backward + llm, "ground-truth + candidate forwards, both backwards"
+
+
+def step_traffic(cfg: RecipeConfig, shape: ModelShape, role: str, ds_config: dict, batching: Batching,
+                 student_joint: bool) -> tuple[Traffic, str]:
+    _, stage, offload_param, _ = _zero(ds_config)
+    b = 2 if ds_config["bf16"]["enabled"] else 4
+    world, accumulation = batching.world_size, batching.gradient_accumulation_steps
+    gathered, how = _gathers_per_micro_batch(cfg, role, shape.parts, student_joint)
+    if stage != 3 or world == 1:
+        gathered, how = 0, f"ZeRO-{stage}: no parameter gathers" if world > 1 else "one GPU: no gathers"
+    reduced = shape.trainable(cfg.model.trainable) * b * accumulation if role == "student" and world > 1 else 0
+    per_step = gathered * b * accumulation
+    return Traffic(per_step, reduced, per_step / world if offload_param else 0), how
 
 
 # ---------------------------------------------------------------- data and steps
@@ -326,6 +380,15 @@ def plan_steps(cfg: RecipeConfig, batching: Batching, data: DataCount) -> Steps:
 # ---------------------------------------------------------------- the plan
 
 
+@dataclass(frozen=True)
+class Placement:
+    name: str
+    chosen: bool
+    teacher_bytes: float  # per GPU
+    traffic: Traffic
+    how: str
+
+
 @dataclass
 class Plan:
     recipe: str
@@ -343,6 +406,8 @@ class Plan:
     gpu_memory_gib: float
     run_dir: str
     resume_from: str | None
+    student_traffic: tuple[Traffic, str] | None = None
+    placements: list[Placement] = field(default_factory=list)  # each teacher.placement, this recipe's marked
 
     @property
     def distill(self) -> bool:
@@ -377,7 +442,7 @@ def world_size_of(world_size: int | None, environ=None) -> tuple[int, str]:
 def make_plan(recipe: str | Path, overrides: list[str] | None = None, *, world_size: int | None = None,
               gpu_memory_gib: float = GPU_MEMORY_GIB, train_samples: int | None = None, environ=None) -> Plan:
     """Everything a run of ``recipe`` would set up, without weights or a process group."""
-    from aligntI.engine import build_ds_config, latest_complete_checkpoint, teacher_ds_config
+    from aligntI.engine import build_ds_config, latest_complete_checkpoint, teacher_ds_config, teacher_placement
 
     cfg = load_recipe(recipe, overrides)
     world, world_source = world_size_of(world_size, environ)
@@ -392,7 +457,7 @@ def make_plan(recipe: str | Path, overrides: list[str] | None = None, *, world_s
     student_ds = build_ds_config(cfg.engine, batching, device=TARGET_DEVICE)
     teacher_ds = None
     if cfg.teacher is not None:
-        teacher_ds = teacher_ds_config(student_ds, cfg.teacher.offload_params, device=TARGET_DEVICE)
+        teacher_ds = teacher_ds_config(student_ds, cfg.teacher.placement, device=TARGET_DEVICE)
 
     problems: list[str] = []
     student = teacher = None
@@ -408,8 +473,20 @@ def make_plan(recipe: str | Path, overrides: list[str] | None = None, *, world_s
     resume = None
     if cfg.resume == "auto" and Path(cfg.run_dir, "checkpoints").is_dir():
         resume = latest_complete_checkpoint(Path(cfg.run_dir, "checkpoints"))
+    joint = cfg.teacher is not None and student is not None and cfg.tpa.student_joint(student_ds, student.shape.parts)
+    student_traffic = None if student is None else step_traffic(cfg, student.shape, "student", student_ds,
+                                                                batching, joint)
+    placements = []
+    if teacher is not None:
+        chosen = teacher_placement(student_ds, cfg.teacher.placement)
+        for name in ("sharded", "replicated", "offload"):
+            ds = teacher_ds_config(student_ds, name, device=TARGET_DEVICE)
+            traffic, how = step_traffic(cfg, teacher.shape, "teacher", ds, batching, joint)
+            placements.append(Placement(name, name == chosen, teacher_memory(teacher.shape, cfg, ds, world).total,
+                                        traffic, how))
     return Plan(str(recipe), list(overrides or []), world, world_source, batching, data,
-                steps, student_ds, teacher_ds, student, teacher, problems, gpu_memory_gib, cfg.run_dir, resume)
+                steps, student_ds, teacher_ds, student, teacher, problems, gpu_memory_gib, cfg.run_dir, resume,
+                student_traffic, placements)
 
 
 # ---------------------------------------------------------------- text
@@ -498,7 +575,30 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"{who}: {total / GIB:.3f} GiB of {plan.gpu_memory_gib:g} GiB per GPU: DOES NOT FIT "
                      f"(over by {total / GIB - plan.gpu_memory_gib:.2f} GiB; more GPUs, offload, activation "
                      "checkpointing or a smaller micro batch)")
+    lines += _traffic_lines(plan)
     return "\n".join(lines)
+
+
+def _traffic_lines(plan: Plan) -> list[str]:
+    if plan.student_traffic is None:
+        return []
+    traffic, how = plan.student_traffic
+    lines = ["", "Traffic per optimizer step and GPU: an ESTIMATE from parameter counts (ZeRO-3 gathers counted as "
+                 "whole gathered tensors)",
+             f"  student: {traffic.gathered / GIB:.3f} GiB of parameters gathered ({how}), "
+             f"{traffic.reduced / GIB:.3f} GiB of gradients reduced"]
+    if not plan.placements:
+        return lines
+    lines += ["Teacher placement (teacher.placement; * = this recipe):",
+              f"  {'placement':<13}{'teacher GiB':>12}{'total GiB':>11}  {'fits':<5}{'gathered GiB':>13}"
+              f"{'from CPU GiB':>13}   gathers"]
+    student = plan.student.total
+    for p in plan.placements:
+        total = student + p.teacher_bytes
+        fits = "yes" if total <= plan.gpu_memory_gib * GIB else "NO"
+        lines.append(f"  {p.name + (' *' if p.chosen else ''):<13}{p.teacher_bytes / GIB:>12.3f}{total / GIB:>11.3f}  "
+                     f"{fits:<5}{p.traffic.gathered / GIB:>13.3f}{p.traffic.from_host / GIB:>13.3f}   {p.how}")
+    return lines
 
 
 def print_plan(config: str, overrides: list[str], world_size: int | None = None,

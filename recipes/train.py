@@ -145,15 +145,16 @@ def build(cfg: RecipeConfig, overrides: list[str]) -> Run:
     if not distill:
         objective = SFTObjective(student, dist, accumulation, log)
     else:
-        # The teacher engine: frozen, no optimizer, sharded like the student (aligntI.engine.teacher_ds_config).
+        # The teacher engine: frozen, no optimizer, placed by teacher.placement (aligntI.engine.teacher_ds_config).
         log(f"teacher/student vocabulary: {shared.note}")
-        teacher_cfg = engine.teacher_ds_config(ds_config, cfg.teacher.offload_params)
+        placement = engine.teacher_placement(ds_config, cfg.teacher.placement)
+        teacher_cfg = engine.teacher_ds_config(ds_config, placement)
         dtype = torch.bfloat16 if teacher_cfg["bf16"]["enabled"] else torch.float32
         with engine.sharded_loading(teacher_cfg):
             model = load_model(cfg.teacher.path, cfg.teacher.attn_implementation, dtype)
         teacher = engine.TeacherEngine(model, teacher_cfg)
         log(f"teacher {cfg.teacher.path}: ZeRO stage {teacher_cfg['zero_optimization']['stage']}, "
-            f"offload_params {cfg.teacher.offload_params}, no optimizer, eval mode")
+            f"placement {placement}, no optimizer, eval mode")
         objective = DistillObjective(cfg, teacher, student, processor, shared, dist, accumulation,
                                      resumed=start_step > 0, log=log)
     return Run(cfg, dist, batching, processor, loader, student, objective, start_step, total_steps, data_counts,

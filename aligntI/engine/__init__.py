@@ -12,15 +12,29 @@ One module per concern; the public names are re-exported here (``from aligntI im
 """
 
 from aligntI.engine.checkpoints import consolidate_checkpoint, latest_complete_checkpoint, prune_checkpoints
-from aligntI.engine.dist import DistInfo, accelerator_name, all_reduce_sum, barrier, destroy, init_distributed
-from aligntI.engine.ds_config import build_ds_config, sharded_loading, teacher_ds_config, use_bf16
+from aligntI.engine.dist import (
+    DistInfo,
+    accelerator_name,
+    all_reduce_sum,
+    barrier,
+    communicated_bytes,
+    destroy,
+    init_distributed,
+)
+from aligntI.engine.ds_config import (
+    build_ds_config,
+    sharded_loading,
+    teacher_ds_config,
+    teacher_placement,
+    use_bf16,
+)
 from aligntI.engine.export import export_checkpoint, export_hf
 from aligntI.engine.student import StudentEngine
 from aligntI.engine.teacher import TeacherEngine, gathered_parameters, inference_engine
 
 __all__ = [
-    "DistInfo", "init_distributed", "accelerator_name", "all_reduce_sum", "barrier", "destroy",
-    "use_bf16", "build_ds_config", "teacher_ds_config", "sharded_loading",
+    "DistInfo", "init_distributed", "accelerator_name", "all_reduce_sum", "barrier", "destroy", "communicated_bytes",
+    "use_bf16", "build_ds_config", "teacher_ds_config", "teacher_placement", "sharded_loading",
     "StudentEngine",
     "TeacherEngine", "inference_engine", "gathered_parameters",
     "latest_complete_checkpoint", "prune_checkpoints", "consolidate_checkpoint",

@@ -68,6 +68,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def communicated_bytes() -> dict[str, int]:
+    """Bytes this rank has passed to each collective so far (``all_gather_into_tensor``, ``reduce_scatter_tensor``,
+    ...), as DeepSpeed's comms logger records them: enable it with a ``comms_logger`` section in the DS config."""
+    from deepspeed.comm.comm import comms_logger
+
+    return {op: sum(size * record[0] for size, record in sizes.items())
+            for op, sizes in comms_logger.comms_dict.items()}
+
+
 def barrier() -> None:
     torch.distributed.barrier()
 

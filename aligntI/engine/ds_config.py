@@ -36,15 +36,22 @@ def build_ds_config(engine_cfg: EngineConfig, batching: Batching, device: str | 
     return ds
 
 
-def teacher_ds_config(student_ds_config: dict, offload_params: bool, device: str | None = None) -> dict:
+def teacher_placement(student_ds_config: dict, placement: str) -> str:
+    """The recipe's ``teacher.placement`` with ``auto`` resolved: sharded beside a ZeRO-3 student, else replicated."""
+    if placement != "auto":
+        return placement
+    return "sharded" if student_ds_config.get("zero_optimization", {}).get("stage", 0) == 3 else "replicated"
+
+
+def teacher_ds_config(student_ds_config: dict, placement: str, device: str | None = None) -> dict:
     """What the teacher's engine takes from the student's DeepSpeed config. The one place this is decided:
 
     * same batch keys (DeepSpeed asserts a micro-batch size even without an optimizer) and precision;
     * no ``optimizer``/``scheduler`` (an optimizer over frozen parameters fails) and no optimizer offload;
-    * ZeRO-3 when the student uses it, sharded like the student; ``offload_params`` (the recipe's
-      ``teacher.offload_params``, which needs ZeRO-3) alone decides whether its parameters live in CPU memory;
-    * otherwise stage 0, a whole replica per rank: ZeRO-1/2 only shard optimizer state and gradients, which a
-      frozen teacher has none of.
+    * ``placement`` (the recipe's ``teacher.placement``, see :func:`teacher_placement`): ``sharded`` is ZeRO-3,
+      with the student's ZeRO-3 settings when it has them; ``offload`` adds parameter offload to CPU memory;
+      ``replicated`` is stage 0, a whole replica per rank (ZeRO-1/2 only shard optimizer state and gradients,
+      which a frozen teacher has none of).
 
     ``device``: the accelerator the config is for (pinned offload memory only on ``cuda``); default: this
     machine's.
@@ -52,14 +59,17 @@ def teacher_ds_config(student_ds_config: dict, offload_params: bool, device: str
     cfg = copy.deepcopy(student_ds_config)
     for key in ("optimizer", "scheduler", "gradient_clipping"):
         cfg.pop(key, None)
-    zero = cfg.get("zero_optimization", {})
-    if zero.get("stage", 0) == 3:
-        zero.pop("offload_optimizer", None)
-        zero.pop("offload_param", None)  # the teacher's placement is its own switch, not the student's
-        if offload_params:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": (device or accelerator_name()) == "cuda"}
-    else:
+    placement = teacher_placement(student_ds_config, placement)
+    if placement == "replicated":
         cfg["zero_optimization"] = {"stage": 0}
+        return cfg
+    zero = cfg.get("zero_optimization", {})
+    zero = zero if zero.get("stage", 0) == 3 else {"stage": 3}
+    zero.pop("offload_optimizer", None)
+    zero.pop("offload_param", None)  # the teacher's placement is its own switch, not the student's
+    if placement == "offload":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": (device or accelerator_name()) == "cuda"}
+    cfg["zero_optimization"] = zero
     return cfg
 
 

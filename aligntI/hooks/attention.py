@@ -49,10 +49,11 @@ def _model_eager(module):
     return fn
 
 
-def _attention(backend, module, query, key, value, attention_mask, prefix_cache=None, candidates=None, **kwargs):
-    # prefix_cache / candidates: TPA's ground-truth and candidate passes (hooks/transitions.py). transformers hands
-    # them to every attention module of the model, the vision tower's included: only the text decoder of the
-    # model that owns the record uses them.
+def _attention(backend, module, query, key, value, attention_mask, prefix_cache=None, candidates=None, joint=None,
+               **kwargs):
+    # prefix_cache / candidates / joint: TPA's ground-truth, candidate and joint passes (hooks/transitions.py).
+    # transformers hands them to every attention module of the model, the vision tower's included: only the
+    # text decoder of the model that owns the record uses them.
     original = _originals[backend] or _model_eager(module)
     if candidates is not None and prefix_cache is None:
         raise RuntimeError("TPA candidate pass: candidates= needs the prefix_cache= of the ground-truth forward")
@@ -60,6 +61,15 @@ def _attention(backend, module, query, key, value, attention_mask, prefix_cache=
     if candidates is not None and layer is not None:  # reads the prefix its ground-truth pass recorded
         kernel = candidate_kernel(backend, original, partial(_model_eager, module), kwargs.get("softcap"))
         return candidates.attend(kernel, prefix_cache, layer, module, query, key, value, **kwargs)
+    if joint is not None and joint.layer_of(module) is not None:
+        kernel = candidate_kernel(backend, original, partial(_model_eager, module), kwargs.get("softcap"))
+        return joint.attend(partial(_ground_truth, original, None, None), kernel, module, query, key, value,
+                            attention_mask, **kwargs)
+    return _ground_truth(original, prefix_cache, layer, module, query, key, value, attention_mask, **kwargs)
+
+
+def _ground_truth(original, prefix_cache, layer, module, query, key, value, attention_mask, **kwargs):
+    """The backend's own kernel, after the capture and the prefix record take what they need."""
     capture = _active.get(id(module))
     if capture is not None:
         capture._record(module, query, key, kwargs)

@@ -123,6 +123,10 @@ class CandidateBatch:
             raise RuntimeError(f"TPA candidate pass: layer {layer} has no recorded prefix; run the "
                                "ground-truth forward with prefix_cache= first")
         past_key, past_value = prefix.layers[layer]
+        return self.attend_to(kernel, past_key, past_value, module, query, key, value, **kwargs)
+
+    def attend_to(self, kernel, past_key, past_value, module, query, key, value, **kwargs):
+        """Candidate queries ``[B·d, H, R, D]`` over the ground truth's keys/values ``[B, H_kv, L, D]`` and their own."""
         if past_key.shape[2] != self.key_valid.shape[1]:
             raise RuntimeError(f"TPA candidate pass: recorded prefix has {past_key.shape[2]} keys, the attention "
                                f"mask {self.key_valid.shape[1]}")
@@ -130,6 +134,63 @@ class CandidateBatch:
         value = torch.cat([past_value.repeat_interleave(self.d, dim=0).to(value.dtype), value], dim=2)
         mask = self.mask(kwargs.pop("sliding_window", None), query.dtype)
         return kernel(module, query, key, value, mask, **kwargs)
+
+
+class JointPass:
+    """One forward of a model over its ground-truth sequence and the candidates of a :class:`CandidateBatch`.
+
+    The candidates ride behind the sequence (``[B, L + d·R]``, candidate j of sample b's scored positions in
+    block j). In each text decoder layer the ground-truth rows run the model's own kernel on the first L
+    positions, exactly as a plain forward (an attention capture there records as usual), and the candidate
+    rows attend to that same layer's ground-truth keys/values plus themselves, as in the candidate pass.
+    Every other module treats the candidates as more tokens. So the model's parameters are used (under
+    ZeRO-3: gathered) once for both, where a ground-truth pass then a candidate pass use them twice.
+    """
+
+    def __init__(self, model, layout: CandidateBatch, inputs: dict, keep: torch.Tensor):
+        self._layer_of = text_attention_layers(model)
+        self.layout = layout
+        batch, self.length = inputs["input_ids"].shape
+        behind = layout.valid.reshape(batch, -1)
+        kept = torch.cat([keep, behind], dim=1)
+        self.is_candidate = torch.cat([torch.zeros_like(keep), behind], dim=1)[kept]  # over the kept rows
+        self.inputs = {
+            **inputs,
+            "input_ids": torch.cat([inputs["input_ids"], layout.input_ids.reshape(batch, -1)], dim=1),
+            "position_ids": torch.cat([inputs["position_ids"], layout.position_ids.reshape(batch, -1)], dim=1),
+            "attention_mask": torch.cat([inputs["attention_mask"], behind.to(inputs["attention_mask"].dtype)], 1),
+            "logits_to_keep": kept, "use_cache": False, "joint": self,
+        }
+
+    def layer_of(self, module) -> int | None:
+        return self._layer_of.get(id(module))
+
+    def split(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept rows' logits as (ground-truth rows in row-major order, candidates in ``candidates.flatten()``
+        order)."""
+        return logits[~self.is_candidate], self.layout.in_candidate_order(logits[self.is_candidate])
+
+    def attend(self, ground_truth, kernel, module, query, key, value, attention_mask, **kwargs):
+        """``ground_truth``: the wrapped backend's path for the first L rows; ``kernel``: one that takes the
+        candidate mask (see :func:`candidate_kernel`). Returns ``[B, L + d·R, H, D]``."""
+        length, d = self.length, self.layout.d
+        gt_kwargs = dict(kwargs)
+        if "position_ids" in gt_kwargs:  # flash-attention reads them (packed-sequence detection)
+            gt_kwargs["position_ids"] = gt_kwargs["position_ids"][:, :length]
+        if attention_mask is not None:  # a 4-D mask for sdpa/eager, the 2-D padding mask for flash
+            attention_mask = attention_mask[..., :length, :length] if attention_mask.dim() == 4 \
+                else attention_mask[:, :length]
+        gt_key, gt_value = key[:, :, :length], value[:, :, :length]
+        out, _ = ground_truth(module, query[:, :, :length], gt_key, gt_value, attention_mask, **gt_kwargs)
+
+        def per_candidate(x):  # [B, H, L + d·R, D] -> [B·d, H, R, D], the CandidateBatch layout
+            batch, heads, _, dim = x.shape
+            return x[:, :, length:].reshape(batch, heads, d, -1, dim).transpose(1, 2).reshape(batch * d, heads, -1, dim)
+
+        kwargs.pop("position_ids", None)
+        cand, _ = self.layout.attend_to(kernel, gt_key, gt_value, module, per_candidate(query), per_candidate(key),
+                                        per_candidate(value), **kwargs)
+        return torch.cat([out, cand.reshape(out.shape[0], -1, *cand.shape[2:])], dim=1), None
 
 
 def candidate_kernel(backend: str, original, model_eager, softcap: float | None):

@@ -78,6 +78,11 @@ def model_parts(model) -> dict[str, torch.nn.Module]:
     }
 
 
+def part_sizes(model) -> dict[str, int]:
+    """Parameters per part (true counts, also of a ZeRO-3 partitioned model)."""
+    return {name: sum(numel(p) for p in module.parameters()) for name, module in model_parts(model).items()}
+
+
 def set_trainable(model, parts: list[str]) -> dict[str, int]:
     """Freeze everything but ``parts``; returns the trainable parameter count per part."""
     counts = {}

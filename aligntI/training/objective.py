@@ -32,7 +32,7 @@ from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks import attention as capture
 from aligntI.hooks.modules import relative_depth_layer
-from aligntI.hooks.transitions import CandidateBatch, PrefixCache
+from aligntI.hooks.transitions import CandidateBatch, JointPass, PrefixCache
 from aligntI.irs import calibrate_iva_layer
 from aligntI.losses.iva import attention_kl_sum, instruction_to_vision_focus, iva_weights
 from aligntI.losses.kd import top1_agreement, weighted_divergence_sum
@@ -45,6 +45,7 @@ from aligntI.losses.tpa import (
     select_rows,
     tpa_seeds,
 )
+from aligntI.models.loading import part_sizes
 from aligntI.training.accounting import micro_loss_scale
 
 
@@ -60,6 +61,18 @@ class TPADraws:
 class StepPlan:
     counts: dict[str, float]  # global normalisers of the step's terms, also logged
     draws: list[TPADraws | None]  # per micro-batch
+
+
+@dataclass
+class Passes:
+    """What one micro-batch's forwards hand the losses."""
+
+    t_logits: torch.Tensor  # [rows kept, V]: the ground-truth rows of each model
+    s_logits: torch.Tensor
+    t_cap: capture.AttentionCapture | None  # the teacher's IVA-layer capture, when IVA needs it
+    t_next: torch.Tensor | None = None  # [N·d, V]: TPA's candidate rows, in candidates.flatten() order
+    s_next: torch.Tensor | None = None
+    weights: torch.Tensor | None = None  # [N, d]
 
 
 @dataclass
@@ -164,6 +177,7 @@ class DistillObjective:
         elif self.iva_on:
             log("IVA: uniform weights over vision tokens (no teacher attention needed)")
         self.bigrams = None
+        self.student_joint = False
         if self.tpa_on:
             self._check_tpa()
 
@@ -213,8 +227,12 @@ class DistillObjective:
         if tpa.candidates + 2 > self.shared.token_ids:  # the ground truth and the image token are never drawn
             raise ConfigError(f"tpa.candidates: {tpa.candidates} is too many for a shared vocabulary of "
                               f"{self.shared.token_ids} tokens")
+        self.student_joint = tpa.student_joint(self.student.ds_config, part_sizes(self.student.module))
+        teacher = "ground-truth + candidate pass" if tpa.source == "teacher" else "one joint pass"
+        student = "sampling pass + joint pass" if self.student_joint else "ground-truth + candidate pass"
         self.log(f"TPA: {tpa.candidates} candidates per response position from the {tpa.source}, "
-                 f"exclude_gt {tpa.exclude_gt}, {tpa.weighting} weights, max_positions {tpa.max_positions}")
+                 f"exclude_gt {tpa.exclude_gt}, {tpa.weighting} weights, max_positions {tpa.max_positions}; "
+                 f"teacher: {teacher}, student: {student} (tpa.student_passes {tpa.student_passes})")
 
     # ------------------------------------------------------------------ the step
 
@@ -273,22 +291,18 @@ class DistillObjective:
         keep = targets_full != -100
         if self.iva_on and cfg.iva.mode == "weighted_kl":  # IVA's KL is read at the vision positions
             keep |= masks["vision_mask"] & iva_rows[:, None]
-
-        # TPA: the ground-truth passes record their keys/values for the candidate passes.
-        t_prefix = PrefixCache(self.teacher.module) if self.tpa_on else None
-        s_prefix = PrefixCache(self.student.module) if self.tpa_on else None
-        teacher_capture = self._capture(self.teacher.module, self.iva_layer, masks) \
-            if self.needs_teacher_attention else contextlib.nullcontext()
-        with teacher_capture as t_cap:
-            t_logits = self.teacher(**inputs, logits_to_keep=keep, use_cache=False, prefix_cache=t_prefix).logits
-        t_logits = t_logits[:, : self.shared.size]
+        targets = targets_full[keep]
 
         student_capture = self._capture(self.student.module, self.student_layer, masks) \
             if self.student_layer is not None else contextlib.nullcontext()
+        # joint: the student's no-grad sampling pass, outside the capture, which records the graded pass only
+        sampled = self._sampling_pass(draws, inputs, keep) if self.tpa_on else None
         with student_capture as s_cap:  # the caller's backward runs inside: a checkpoint recompute must see it
-            s_logits = self.student(**inputs, logits_to_keep=keep, use_cache=False,
-                                    prefix_cache=s_prefix).logits[:, : self.shared.size]
-            targets = targets_full[keep]
+            if self.tpa_on:
+                passes = self._tpa_passes(draws, inputs, keep, targets, masks, sampled)
+            else:
+                passes = self._plain_passes(inputs, keep, masks)
+            t_logits, s_logits, t_cap = passes.t_logits, passes.s_logits, passes.t_cap
             resp = targets != -100
             kd = cfg.kd
             sums = {
@@ -304,11 +318,74 @@ class DistillObjective:
                 iva_scale = micro_loss_scale(counts["iva_samples"], world, self.accumulation)
                 total = total + iva_scale * cfg.loss.iva * sums["iva"]
             if self.tpa_on:
-                sums["tpa"] = self._tpa_sum(draws, inputs, keep, targets, t_logits, s_logits, t_prefix, s_prefix)
+                sums["tpa"] = weighted_divergence_sum(passes.t_next, passes.s_next, passes.weights.flatten(),
+                                                      kind="forward_kl", chunk_size=kd.chunk_size)
                 tpa_scale = micro_loss_scale(counts["tpa_positions"], world, self.accumulation)
                 total = total + tpa_scale * cfg.loss.tpa * sums["tpa"]
             sums["top1_agree"] = top1_agreement(t_logits[resp], s_logits[resp].detach())
             yield MicroLoss(total, {k: v.detach().float() for k, v in sums.items()})
+
+    def _teacher_capture(self, masks: dict):
+        if not self.needs_teacher_attention:
+            return contextlib.nullcontext()
+        return self._capture(self.teacher.module, self.iva_layer, masks)
+
+    def _plain_passes(self, inputs, keep, masks) -> Passes:
+        size = self.shared.size
+        with self._teacher_capture(masks) as t_cap:
+            t_logits = self.teacher(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :size]
+        s_logits = self.student(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :size]
+        return Passes(t_logits, s_logits, t_cap)
+
+    def _sampling_pass(self, draws, inputs, keep) -> torch.Tensor | None:
+        """The student's logits at the TPA positions, without grad, when a joint student pass needs them first."""
+        if not (self.student_joint and self.cfg.tpa.source == "student"):
+            return None
+        with torch.no_grad():
+            logits = self.student(**inputs, logits_to_keep=keep, use_cache=False).logits[:, : self.shared.size]
+        return logits[draws.rows.to(self.dist.device)[keep]]
+
+    def _tpa_passes(self, draws, inputs, keep, targets, masks, sampled) -> Passes:
+        """The forwards of a TPA step, the teacher's in one pass unless it draws the candidates itself.
+
+        Candidates come from the source's ground-truth logits, so that model runs first: the student's
+        ground-truth pass (``separate``) or its no-grad sampling pass (``joint``: ``sampled``), or the
+        teacher's when it is the source (then it also runs a candidate pass). The others score ground truth
+        and candidates in one :class:`JointPass`; ``separate`` gives the student a candidate pass over its
+        recorded prefix.
+        """
+        size, at = self.shared.size, draws.rows.to(self.dist.device)[keep]
+        teacher_draws = self.cfg.tpa.source == "teacher"
+        t_prefix = s_prefix = t_logits = None
+        scores = sampled
+        if teacher_draws:
+            t_prefix = PrefixCache(self.teacher.module)
+            with self._teacher_capture(masks) as t_cap:
+                t_logits = self.teacher(**inputs, logits_to_keep=keep, use_cache=False,
+                                        prefix_cache=t_prefix).logits[:, :size]
+            scores = t_logits[at]
+        s_logits = None
+        if not self.student_joint:
+            s_prefix = PrefixCache(self.student.module)
+            s_logits = self.student(**inputs, logits_to_keep=keep, use_cache=False,
+                                    prefix_cache=s_prefix).logits[:, :size]
+            if scores is None and self.cfg.tpa.source == "student":
+                scores = s_logits[at].detach()
+        candidates = self.candidates(draws, inputs, targets[at], scores)
+        layout = CandidateBatch(draws.rows, candidates, inputs["attention_mask"], inputs["position_ids"])
+        if teacher_draws:
+            t_next = layout.in_candidate_order(self.teacher(**layout.model_inputs(t_prefix)).logits[:, :size])
+        else:
+            joint = JointPass(self.teacher.module, layout, inputs, keep)
+            with self._teacher_capture(masks) as t_cap:
+                t_logits, t_next = joint.split(self.teacher(**joint.inputs).logits[:, :size])
+        if self.student_joint:
+            joint = JointPass(self.student.module, layout, inputs, keep)
+            s_logits, s_next = joint.split(self.student(**joint.inputs).logits[:, :size])
+        else:
+            s_next = layout.in_candidate_order(self.student(**layout.model_inputs(s_prefix)).logits[:, :size])
+        weights = candidate_weights(s_logits[at].detach(), candidates, self.cfg.tpa.weighting)
+        return Passes(t_logits, s_logits, t_cap, t_next, s_next, weights)
 
     def _iva_sum(self, t_logits, s_logits, keep, masks, iva_rows, t_cap, s_cap) -> torch.Tensor:
         """Σ over this micro-batch's IVA samples of the per-sample IVA loss."""
@@ -331,40 +408,23 @@ class DistillObjective:
         return weighted_divergence_sum(t_logits, s_logits, per_position[keep], kind="forward_kl",
                                        chunk_size=self.cfg.kd.chunk_size)
 
-    def candidates(self, draws: TPADraws, inputs: dict, keep, targets, t_logits, s_logits):
-        """Candidates ``[N, d]`` and weights ``[N, d]`` for the micro-batch's TPA positions ``draws.rows``.
+    def candidates(self, draws: TPADraws, inputs: dict, gt_next: torch.Tensor,
+                   scores: torch.Tensor | None) -> torch.Tensor:
+        """Candidates ``[N, d]`` for the micro-batch's TPA positions ``draws.rows`` (N of them, row-major).
 
-        ``t_logits``/``s_logits``/``targets`` are the ground-truth passes' rows at ``keep`` (row-major order).
+        ``gt_next [N]``: the ground-truth next tokens there; ``scores [N, V]``: the source model's logits there
+        (None for ``gt_bigram``, whose scores are the table's).
         """
         tpa, dev = self.cfg.tpa, self.dist.device
-        rows = draws.rows.to(dev)
-        at = rows[keep]  # the TPA positions among the kept logit rows (same row-major order)
-        s_rows = s_logits[at].detach()
-        if tpa.source == "student":
-            scores = s_rows
-        elif tpa.source == "teacher":
-            scores = t_logits[at]
-        else:
-            scores = self.bigrams.scores(inputs["input_ids"][rows], device=dev)[:, : self.shared.size]
+        if scores is None:
+            scores = self.bigrams.scores(inputs["input_ids"][draws.rows.to(dev)], device=dev)[:, : self.shared.size]
         generator = torch.Generator(device=dev).manual_seed(draws.seed)
         # Only ids of both tokenizers: the embedding rows past them are padding, never text. The image
         # placeholder is input-only: never a label (so p_S there is untrained) and, inside a sequence, a slot
         # for image features rather than a token.
         scores = scores[:, : self.shared.token_ids]
-        candidates = draw_candidates(scores, targets[at], tpa.candidates, exclude_gt=tpa.exclude_gt,
-                                     generator=generator, chunk_size=self.cfg.kd.chunk_size,
-                                     never=(self.processor.image_token_id,))
-        return candidates, candidate_weights(s_rows, candidates, tpa.weighting)
-
-    def _tpa_sum(self, draws, inputs, keep, targets, t_logits, s_logits, t_prefix, s_prefix) -> torch.Tensor:
-        """Σ over this micro-batch's TPA positions of Σ_v w_v·KL(p_T(·|c_t, v) ‖ p_S(·|c_t, v))."""
-        candidates, weights = self.candidates(draws, inputs, keep, targets, t_logits, s_logits)
-        layout = CandidateBatch(draws.rows, candidates, inputs["attention_mask"], inputs["position_ids"])
-        size = self.shared.size
-        t_next = layout.in_candidate_order(self.teacher(**layout.model_inputs(t_prefix)).logits[:, :size])
-        s_next = layout.in_candidate_order(self.student(**layout.model_inputs(s_prefix)).logits[:, :size])
-        return weighted_divergence_sum(t_next, s_next, weights.flatten(), kind="forward_kl",
-                                       chunk_size=self.cfg.kd.chunk_size)
+        return draw_candidates(scores, gt_next, tpa.candidates, exclude_gt=tpa.exclude_gt, generator=generator,
+                               chunk_size=self.cfg.kd.chunk_size, never=(self.processor.image_token_id,))
 
     def _empty(self, term: str) -> None:
         self.empty[term] += 1

@@ -45,6 +45,16 @@ WEIGHTS = {  # loss: sft, kd, iva, tpa
     "align_ti": (1, 1, 1, 1), "tpa_paper": (1, 1, 0, 1),
 }
 D = 4  # TPA candidates, the paper's d
+# Measured for parameter traffic only: the same recipe with another choice, (base variant, recipe sections).
+CHOICES = {
+    "align_ti_joint": ("align_ti", {"tpa": {"student_passes": "joint"}}),
+    "align_ti_separate": ("align_ti", {"tpa": {"student_passes": "separate"}}),
+    "align_ti_replicated": ("align_ti", {"teacher": {"placement": "replicated"}}),
+}
+# ZeRO-3 releasing every parameter between uses, as it must for billion-parameter models (a tiny model would
+# otherwise stay gathered and hide the traffic), and DeepSpeed's comms logger counting what is communicated.
+RELEASE_BETWEEN_USES = {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0,
+                        "stage3_max_live_parameters": 0}
 
 
 # ---------------------------------------------------------------------------------------------- models and data
@@ -102,9 +112,10 @@ def write_paper_shape_data(root: Path, samples: int = 64, words: int = 500) -> t
     return root / "tokenizer", specs[0], specs[1]
 
 
-def recipe_for(variant: str, root: Path, shape: str, ds_config: str, steps: int):
+def recipe_for(variant: str, root: Path, shape: str, ds_config: str, steps: int, world: int = 1):
     from aligntI.config import RecipeConfig, from_dict
 
+    variant, choice = CHOICES.get(variant, (variant, {}))
     paper = shape == "paper"
     data = root / "data"
     raw = {
@@ -113,7 +124,7 @@ def recipe_for(variant: str, root: Path, shape: str, ds_config: str, steps: int)
         "data": {"train": [{"path": str(data / "train.json"), **({"images": str(data / "images")} if paper else {})}],
                  "chat_template": "llava_v1_compact", "max_length": 1024 if paper else 64, "num_workers": 1},
         "optim": {"lr": 1e-4, "warmup_ratio": 0.0},
-        "train": {"global_batch_size": 4 if paper else 16, "micro_batch_size": 4 if paper else 16,
+        "train": {"global_batch_size": (4 if paper else 16) * world, "micro_batch_size": 4 if paper else 16,
                   "max_steps": steps, "save_every": 0},
         "engine": {"ds_config": ds_config},
     }
@@ -122,6 +133,8 @@ def recipe_for(variant: str, root: Path, shape: str, ds_config: str, steps: int)
         iva_cfg = {"weights": "uniform"} if variant == "vkd_uniform" else {"layer": 2}  # fixed: no IRS to time
         raw.update(teacher={"path": str(root / "teacher")}, loss={"sft": sft, "kd": kd, "iva": iva, "tpa": tpa},
                    iva=iva_cfg, tpa={"candidates": D})
+    for section, values in choice.items():
+        raw[section] = {**raw.get(section, {}), **values}
     cfg = from_dict(RecipeConfig, raw)
     cfg.validate()
     return cfg
@@ -184,7 +197,7 @@ class PaperStyleTPA:
     def loss(self, mb, draws, counts):
         from aligntI.losses.kd import top1_agreement, weighted_divergence_sum
         from aligntI.losses.sft import rows_ce_sum
-        from aligntI.losses.tpa import scored_rows
+        from aligntI.losses.tpa import candidate_weights, scored_rows
         from aligntI.training.accounting import micro_loss_scale
         from aligntI.training.objective import MicroLoss, to_device
 
@@ -197,7 +210,9 @@ class PaperStyleTPA:
         targets = labels[:, 1:][keep[:, :-1]]
         with torch.no_grad():  # the extra pass: only to sample the candidates
             s_plain = obj.student(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :size]
-        candidates, weights = obj.candidates(draws, inputs, keep, targets, None, s_plain)
+        at = draws.rows.to(keep.device)[keep]
+        candidates = obj.candidates(draws, inputs, targets[at], s_plain[at])
+        weights = candidate_weights(s_plain[at], candidates, cfg.tpa.weighting)
         expanded, is_cand = ribbon_expand(inputs, draws.rows.to(keep.device), candidates, cfg.tpa.candidates)
         t_logits = obj.teacher(**expanded, use_cache=False).logits[:, :size]
         s_logits = obj.student(**expanded, use_cache=False).logits[:, :size]
@@ -260,14 +275,50 @@ class PeakMemory:
         return max(self.peak, self._rss()) - self.base
 
 
-def run_variant(variant: str, root: Path, shape: str, ds_config: str, steps: int, warmup: int) -> dict:
-    """Times recipes/train.py's own ``train_step`` on the run its ``build`` makes from the variant's recipe."""
+class CountedTeacher:
+    """The teacher engine, with the bytes DeepSpeed communicates inside its calls counted apart: the teacher
+    only runs forward, so everything else a step communicates is the student's."""
+
+    def __init__(self, teacher):
+        self.inner, self.bytes = teacher, {}
+
+    @property
+    def module(self):
+        return self.inner.module
+
+    def __call__(self, **inputs):
+        from aligntI import engine
+
+        before = engine.communicated_bytes()
+        out = self.inner(**inputs)
+        for op, total in engine.communicated_bytes().items():
+            self.bytes[op] = self.bytes.get(op, 0) + total - before.get(op, 0)
+        return out
+
+
+def traffic_ds_config(ds_config: str, out: Path) -> str:
+    cfg = json.loads(Path(ds_config).read_text())
+    cfg["zero_optimization"].update(RELEASE_BETWEEN_USES)
+    cfg["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
+    path = out / "zero3_traffic.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    return str(path)
+
+
+def run_variant(variant: str, root: Path, shape: str, ds_config: str, steps: int, warmup: int,
+                world: int = 1) -> dict:
+    """Times recipes/train.py's own ``train_step`` on the run its ``build`` makes from the variant's recipe,
+    and counts what it communicates per step (all of it on one rank; per model on 2 ranks under ZeRO-3)."""
     from aligntI import engine
 
     train = load_train_script()
-    run = train.build(recipe_for(variant, root, shape, ds_config, warmup + steps), [])
+    run = train.build(recipe_for(variant, root, shape, ds_config, warmup + steps, world), [])
     if variant == "tpa_paper":
         run.objective = PaperStyleTPA(run.objective)
+    teacher = None
+    objective = run.objective.inner if variant == "tpa_paper" else run.objective
+    if hasattr(objective, "teacher"):
+        teacher = objective.teacher = CountedTeacher(objective.teacher)
     run.student.train()
     batches = iter(run.loader)
     accum = run.batching.gradient_accumulation_steps
@@ -277,6 +328,8 @@ def run_variant(variant: str, root: Path, shape: str, ds_config: str, steps: int
         micro = [next(batches) for _ in range(accum)]
         if step == warmup + 1:
             memory.start()
+            sent = engine.communicated_bytes()
+            teacher_sent = dict(teacher.bytes) if teacher else {}
         start = time.perf_counter()
         sums, counts = train.train_step(run, micro, step)
         if run.dist.device.type == "cuda":
@@ -290,10 +343,17 @@ def run_variant(variant: str, root: Path, shape: str, ds_config: str, steps: int
             samples += sum(mb["attention_mask"].shape[0] for mb in micro)
             tpa_positions += counts.get("tpa_positions", 0)
     peak = memory.stop()
+
+    def per_step(now: dict, then: dict) -> dict:
+        return {op: (total - then.get(op, 0)) / steps for op, total in now.items() if total > then.get(op, 0)}
+
+    total = per_step(engine.communicated_bytes(), sent)
+    teacher_bytes = per_step(teacher.bytes, teacher_sent) if teacher else {}
     engine.destroy()
     return {"variant": variant, "step_s": min(times), "median_step_s": statistics.median(times), "peak_bytes": peak,
-            "tokens": tokens,
-            "samples": samples, "tpa_positions": tpa_positions, "first_step": first}
+            "tokens": tokens, "samples": samples, "tpa_positions": tpa_positions, "first_step": first,
+            "world": world, "bytes": {"teacher": teacher_bytes,
+                                      "student": {op: b - teacher_bytes.get(op, 0) for op, b in total.items()}}}
 
 
 def load_train_script():
@@ -391,13 +451,64 @@ def report(shape: str, results: dict, capture: dict | None) -> list[str]:
     return lines
 
 
+def traffic_report(shape: str, results: dict) -> list[str]:
+    """Parameter all-gathers and gradient reduce-scatters per optimizer step, per model, on 2 ranks."""
+    mb = 1e6
+
+    def gathered(r, model):  # the logger counts each rank's shard: x ranks = the whole tensors gathered
+        return r["bytes"][model].get("all_gather_into_tensor", 0) * r["world"]
+
+    kd, paper = results["vanilla_kd"], results["tpa_paper"]
+    kd_total = gathered(kd, "teacher") + gathered(kd, "student")
+    paper_total = gathered(paper, "teacher") + gathered(paper, "student")
+    lines = [f"\n== {shape}: ZeRO-3 traffic per optimizer step on 2 ranks, parameters released between uses "
+             "(MB per step on rank 0 from DeepSpeed's comms logger: parameters gathered, as whole tensors; gradients "
+             "reduce-scattered; all-reduced)",
+             f"{'variant':<18}{'gather T':>10}{'gather S':>10}{'gather':>9}{'x KD':>7}{'x paper':>8}"
+             f"{'reduce S':>10}{'all-reduce':>11}"]
+    for v, r in results.items():
+        total = gathered(r, "teacher") + gathered(r, "student")
+        reduce = r["bytes"]["student"].get("reduce_scatter_tensor", 0)
+        allreduce = sum(r["bytes"][m].get("all_reduce", 0) for m in ("teacher", "student"))
+        lines.append(f"{v:<18}{gathered(r, 'teacher') / mb:>10.3f}{gathered(r, 'student') / mb:>10.3f}"
+                     f"{total / mb:>9.3f}{total / max(kd_total, 1):>7.2f}{total / max(paper_total, 1):>8.2f}"
+                     f"{reduce / mb:>10.3f}{allreduce / mb:>11.4f}")
+    ours = gathered(results["align_ti"], "teacher") + gathered(results["align_ti"], "student")
+    lines.append(f"target Align-TI parameter traffic <= paper-style TPA: {ours / mb:.3f} vs {paper_total / mb:.3f} MB "
+                 f"({ours / max(kd_total, 1):.2f}x vanilla KD) -> {'met' if ours <= paper_total else 'NOT met'}")
+    return lines
+
+
 def worker(args) -> None:
     root = Path(args.out) / args.shape
     if args.worker == "capture":
         result = capture_memory(root)
     else:
-        result = run_variant(args.worker, root, args.shape, args.ds_config, args.steps, args.warmup)
-    Path(args.result).write_text(json.dumps(result))
+        result = run_variant(args.worker, root, args.shape, args.ds_config, args.steps, args.warmup, args.world)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.result).write_text(json.dumps(result))
+
+
+def run_job(cmd: list[str], env: dict, job: str) -> None:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{job} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def measure_traffic(shape: str, out: Path, args) -> list[str]:
+    ds_config = traffic_ds_config(args.ds_config, out / shape)
+    results = {}
+    for job in (*VARIANTS, *CHOICES):
+        result = out / shape / f"traffic_{job}.json"
+        port = str(29500 + random.randrange(1000))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+               __file__, "--worker", job, "--shape", shape, "--out", str(out), "--steps", str(args.traffic_steps),
+               "--warmup", "2", "--world", "2", "--ds-config", ds_config, "--result", str(result)]
+        print(f"[bench] {shape}: {job} traffic (2 ranks)", flush=True)
+        run_job(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, job)
+        results[job] = json.loads(result.read_text())
+    (out / shape / "traffic.json").write_text(json.dumps(results, indent=2))
+    return traffic_report(shape, results)
 
 
 def main() -> None:
@@ -408,7 +519,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--ds-config", default=str(REPO / "ds_configs" / "zero3_cpu.json"))
+    parser.add_argument("--measure", nargs="+", default=["traffic", "time"], choices=["traffic", "time"])
+    parser.add_argument("--traffic-steps", type=int, default=3, help="measured steps of each 2-rank traffic run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -418,6 +532,10 @@ def main() -> None:
     lines = []
     for shape in args.shapes:
         prepare(shape, out)
+        if "traffic" in args.measure:
+            lines += measure_traffic(shape, out, args)
+        if "time" not in args.measure:
+            continue
         results = {}
         jobs = list(VARIANTS) * args.rounds + (["capture"] if shape == "paper" else [])
         for job in jobs:
@@ -428,9 +546,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", job, "--shape", shape, "--out", str(out), "--steps",
                    str(args.steps), "--warmup", str(args.warmup), "--ds-config", args.ds_config, "--result", str(result)]
             print(f"[bench] {shape}: {job}", flush=True)
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"{job} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+            run_job(cmd, env, job)
             new = json.loads(result.read_text())
             if job in results:  # another round: keep the fastest time and the smallest peak
                 new["step_s"] = min(new["step_s"], results[job]["step_s"])

@@ -8,7 +8,8 @@ After training, on every rank:
   run inside the capture) capture instruction→vision probabilities equal to eager ``output_attentions`` of a plain
   model holding the same weights;
 * TPA: both engines' candidate logits equal separate forwards of prefix + candidate of those plain models (padded
-  batch; the student's pass also runs backward); the candidates come from the configured source (same draw as
+  batch; the student's pass also runs backward), and their joint pass gives the same ground-truth and candidate
+  logits; the candidates come from the configured source (same draw as
   ``draw_candidates`` on that source's scores), are distinct and never the ground truth; the gt_bigram table
   merged over ranks counts every response token of the training data once.
 """
@@ -25,8 +26,8 @@ from aligntI.config import AttentionConfig, DataConfig, DataSource, load_recipe
 from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks.attention import AttentionCapture, decoder_layers, padded_positions
-from aligntI.hooks.transitions import CandidateBatch, PrefixCache
-from aligntI.losses.tpa import draw_candidates, scored_rows
+from aligntI.hooks.transitions import CandidateBatch, JointPass, PrefixCache
+from aligntI.losses.tpa import candidate_weights, draw_candidates, scored_rows
 from aligntI.models.loading import load_model
 from aligntI.training.objective import TPADraws, count_response_bigrams
 
@@ -67,7 +68,8 @@ def check_tpa(run, batch, plain_teacher, plain_student) -> dict:
     bigram_scores = objective.bigrams.scores(batch["input_ids"][rows])
     for source, scores in (("student", s_logits), ("teacher", t_logits), ("gt_bigram", bigram_scores)):
         run.cfg.tpa.source = source
-        candidates, weights = objective.candidates(draws, inputs, rows, targets, t_logits, s_logits)
+        candidates = objective.candidates(draws, inputs, targets, None if source == "gt_bigram" else scores)
+        weights = candidate_weights(s_logits.detach(), candidates, run.cfg.tpa.weighting)
         oracle = draw_candidates(scores, targets, run.cfg.tpa.candidates, exclude_gt=True,
                                  generator=torch.Generator().manual_seed(1234),
                                  never=(run.processor.image_token_id,))
@@ -80,6 +82,17 @@ def check_tpa(run, batch, plain_teacher, plain_student) -> dict:
     s_next = layout.in_candidate_order(student(**layout.model_inputs(s_prefix)).logits)
     student.backward(s_next.float().logsumexp(-1).mean() + s_logits.float().pow(2).mean())
     student.engine.zero_grad()
+    # The joint pass (ground truth and candidates in one forward) through both engines.
+    joint = {}
+    for name, model in (("teacher", objective.teacher), ("student", student)):
+        layout_of = JointPass(model.module, layout, inputs, rows)
+        joint[name] = layout_of.split(model(**layout_of.inputs).logits)
+    student.backward(joint["student"][1].float().logsumexp(-1).mean() + joint["student"][0].float().pow(2).mean())
+    student.engine.zero_grad()
+    out["joint_gt_max_err"] = max(float((joint["teacher"][0] - t_logits).abs().max()),
+                                  float((joint["student"][0] - s_logits).abs().max()))
+    out["joint_candidates_max_err"] = max(float((joint["teacher"][1] - t_next).abs().max()),
+                                          float((joint["student"][1] - s_next).abs().max()))
     with torch.no_grad():
         out["tpa_teacher_max_err"] = float((t_next - separate_candidate_logits(plain_teacher, batch, rows,
                                                                                candidates)).abs().max())

@@ -29,7 +29,7 @@ def test_distill_zero3_two_ranks(tmp_path, tiny_model, tiny_student, digitgrid, 
     recipe = distill_recipe(
         tmp_path, "run", tiny_student, tiny_model, digitgrid, zero3_partitioned,
         model={"activation_checkpointing": True},
-        teacher={"offload_params": True},
+        teacher={"placement": "offload"},
         data={"padding_side": "left",
               "train": [{"path": str(digitgrid / "train.json")}, {"path": str(text_only), "weight": 2.0}]},
         train={"max_steps": 12, "save_every": 6},
@@ -48,6 +48,7 @@ def test_distill_zero3_two_ranks(tmp_path, tiny_model, tiny_student, digitgrid, 
     # candidates are the configured source's draw (distinct, never the ground truth) for all three sources.
     assert probe["tpa_candidates"] > 20
     assert probe["tpa_teacher_max_err"] <= 2e-5 and probe["tpa_student_max_err"] <= 2e-5
+    assert probe["joint_gt_max_err"] <= 2e-5 and probe["joint_candidates_max_err"] <= 2e-5
     assert probe["tpa_source_matches"] == {"student": True, "teacher": True, "gt_bigram": True}
     assert probe["bigram_total"] == probe["response_tokens"] > 0
 
@@ -74,9 +75,15 @@ def test_distill_zero3_two_ranks(tmp_path, tiny_model, tiny_student, digitgrid, 
     assert ckpt_bytes < teacher_bytes  # the student is a fraction of the teacher: no teacher inside
 
 
-def test_distill_resume_is_exact(tmp_path, tiny_model, tiny_student, digitgrid, zero3_partitioned):
+@pytest.mark.parametrize(("placement", "student_passes"), [("sharded", "auto"), ("replicated", "joint"),
+                                                          ("offload", "separate")])
+def test_distill_resume_is_exact(tmp_path, tiny_model, tiny_student, digitgrid, zero3_partitioned, placement,
+                                 student_passes):
+    """Every teacher placement, and both ways the student scores TPA candidates, train and resume exactly."""
     common = dict(iva={"layer": 1, "top_ratio": 0.5}, kd={"divergence": "jsd", "temperature": 2.0},
-                  tpa={"candidates": 3, "weighting": "student_prob", "max_positions": 2},
+                  tpa={"candidates": 3, "weighting": "student_prob", "max_positions": 2,
+                       "student_passes": student_passes},
+                  teacher={"placement": placement},
                   train={"max_steps": 16, "save_every": 6}, data={"num_workers": 1})
     straight = distill_recipe(tmp_path, "a", tiny_student, tiny_model, digitgrid, zero3_partitioned, **common)
     broken = distill_recipe(tmp_path, "b", tiny_student, tiny_model, digitgrid, zero3_partitioned, **common)
@@ -88,6 +95,11 @@ def test_distill_resume_is_exact(tmp_path, tiny_model, tiny_student, digitgrid, 
 
     proc = launch(["recipes/train.py", "--config", str(broken)], launcher="torchrun")
     assert "resumed from" in proc.stdout + proc.stderr
+    stage = {"sharded": 3, "replicated": 0, "offload": 3}[placement]
+    assert f"ZeRO stage {stage}, placement {placement}" in proc.stdout
+    if student_passes != "auto":
+        joint = student_passes == "joint"
+        assert f"student: {'sampling pass + joint pass' if joint else 'ground-truth + candidate pass'}" in proc.stdout
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [m["step"] for m in b] == list(range(1, 17))
     for x, y in zip(a, b):

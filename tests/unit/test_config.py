@@ -90,12 +90,8 @@ def test_inconsistent_values(tmp_path):
 def test_the_zero_stage_comes_from_the_ds_json(tmp_path):
     stated = {**BASE, "engine": {**BASE["engine"], "zero_stage": 3}}
     assert "engine.zero_stage: unknown key" in error_of(tmp_path, stated)
-    # The teacher's offload needs ZeRO-3: a ZeRO-2 JSON is refused, naming the JSON and its stage.
-    offload = {"path": "t", "offload_params": True}
-    zero2 = str(REPO / "ds_configs" / "zero2.json")
-    msg = error_of(tmp_path, {**BASE, "engine": {"ds_config": zero2}, "teacher": offload})
-    assert f"teacher.offload_params: needs ZeRO-3, but {zero2} (engine.ds_config) has zero_optimization.stage 2" in msg
-    assert load_recipe(write(tmp_path, {**BASE, "teacher": offload})).teacher.offload_params  # zero3.json
+    assert "teacher.offload_params: unknown key" in error_of(tmp_path, {**BASE, "teacher": {
+        "path": "t", "offload_params": True}})  # teacher.placement: offload replaced it
     for stage in ("3", 4, True):
         path = tmp_path / "ds.json"
         path.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
@@ -241,9 +237,8 @@ def test_distillation_sections_need_a_teacher(tmp_path, patch, fragment):
     ({"tpa": {"weighting": "teacher_prob"}}, "tpa.weighting: 'teacher_prob' is not one of"),
     ({"tpa": {"max_positions": 0}}, "tpa.max_positions: must be >= 1"),
     ({"tpa": {"d": 4}}, "tpa.d: unknown key"),
-    ({"teacher": {"path": "t", "offload_params": True},
-      "engine": {"ds_config": str(REPO / "ds_configs" / "zero2.json")}},
-     "teacher.offload_params: needs ZeRO-3"),
+    ({"teacher": {"path": "t", "placement": "cpu"}}, "teacher.placement: 'cpu' is not one of"),
+    ({"tpa": {"student_passes": "both"}}, "tpa.student_passes: 'both' is not one of"),
 ])
 def test_distillation_errors_name_the_key(tmp_path, patch, fragment):
     assert fragment in error_of(tmp_path, {**DISTILL, **patch})
@@ -255,14 +250,20 @@ def test_teacher_ds_config_is_derived_from_the_students():
     student = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
     student.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2, train_batch_size=16,
                    bf16={"enabled": True})
-    teacher = teacher_ds_config(student, offload_params=True)
+    teacher = teacher_ds_config(student, "offload")
     assert "offload_optimizer" not in teacher["zero_optimization"] and "gradient_clipping" not in teacher
     assert teacher["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert teacher["train_micro_batch_size_per_gpu"] == 4 and teacher["bf16"] == {"enabled": True}
     assert "offload_optimizer" in student["zero_optimization"]  # the student's config is not modified
-    assert "offload_param" not in teacher_ds_config(student, offload_params=False)["zero_optimization"]
+    sharded = teacher_ds_config(student, "auto")["zero_optimization"]
+    assert sharded["stage"] == 3 and "offload_param" not in sharded
+    assert sharded["stage3_max_live_parameters"] == student["zero_optimization"]["stage3_max_live_parameters"]
+    assert teacher_ds_config(student, "replicated")["zero_optimization"] == {"stage": 0}
     zero2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
-    assert teacher_ds_config(zero2, offload_params=False)["zero_optimization"] == {"stage": 0}
+    assert teacher_ds_config(zero2, "auto")["zero_optimization"] == {"stage": 0}
+    # A teacher sharded or offloaded beside a ZeRO-2 student: its own ZeRO-3 section.
+    assert teacher_ds_config(zero2, "sharded")["zero_optimization"] == {"stage": 3}
+    assert teacher_ds_config(zero2, "offload")["zero_optimization"]["offload_param"]["device"] == "cpu"
 
 
 def test_base_files_merge_and_vars_are_substituted(tmp_path):

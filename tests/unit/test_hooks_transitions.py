@@ -7,7 +7,7 @@ from test_hooks_attention import batch_for, write_mixed
 from aligntI.config import AttentionConfig
 from aligntI.data.dataset import model_inputs
 from aligntI.hooks import attention as capture
-from aligntI.hooks.transitions import CandidateBatch, PrefixCache
+from aligntI.hooks.transitions import CandidateBatch, JointPass, PrefixCache
 from aligntI.losses.tpa import scored_rows
 from aligntI.models.loading import load_model
 
@@ -78,6 +78,60 @@ def test_candidate_gradients_equal_separate_forwards(tmp_path, digitgrid, tiny_m
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     assert any("layers.0.self_attn.k_proj" in n for n in grads[0])  # the prefix's keys got gradient
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def joint_pass(model, batch, rows, candidates, keep):
+    inputs = model_inputs(batch)
+    layout = CandidateBatch(rows, candidates, batch["attention_mask"], batch["position_ids"])
+    joint = JointPass(model, layout, inputs, keep)
+    return joint.split(model(**joint.inputs).logits)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_joint_pass_equals_plain_forward_and_separate_forwards(tmp_path, digitgrid, tiny_model, backend,
+                                                               padding_side):
+    """One forward carrying ground truth and candidates: the plain pass's rows, the oracle's candidates."""
+    capture.install()
+    batch = batch_for(tiny_model, write_mixed(tmp_path, digitgrid), padding_side)
+    model = load_model(tiny_model, AttentionConfig(backend, "sdpa")).eval()
+    rows, candidates = rows_and_candidates(batch, 3, model.config.text_config.vocab_size)
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        plain = model(**model_inputs(batch), use_cache=False).logits[keep]
+        ground_truth, per_candidate = joint_pass(model, batch, rows, candidates, keep)
+        oracle = separate_candidate_logits(model, batch, rows, candidates)
+    torch.testing.assert_close(ground_truth, plain, atol=2e-5, rtol=0)
+    torch.testing.assert_close(per_candidate, oracle, atol=2e-5, rtol=0)
+
+
+def test_joint_pass_gradients_and_capture_equal_two_passes(tmp_path, digitgrid, tiny_model):
+    """Same gradients as ground-truth pass + candidate pass, and the capture rides on the joint pass."""
+    capture.install()
+    batch = batch_for(tiny_model, write_mixed(tmp_path, digitgrid, with_text_only=False), "left")
+    keep = batch["attention_mask"].bool()
+    masks = (batch["instruction_mask"], batch["vision_mask"], batch["attention_mask"])
+    grads, probs = [], []
+    for joint in (True, False):
+        model = load_model(tiny_model, AttentionConfig("sdpa", "sdpa")).train()
+        model.activation_checkpointing_enable()
+        rows, candidates = rows_and_candidates(batch, 2, model.config.text_config.vocab_size)
+        with capture.AttentionCapture(model, [1], *masks) as cap:
+            if joint:
+                gt, cand = joint_pass(model, batch, rows, candidates, keep)
+            else:
+                gt, cand = candidate_pass(model, batch, rows, candidates)
+                gt = gt[keep]
+            weights = torch.linspace(0.1, 1.0, cand.shape[0])[:, None]
+            loss = (torch.log_softmax(cand.float(), -1)[:, :7] * weights).sum() + gt.float().logsumexp(-1).sum() \
+                + cap[1].sum()
+            loss.backward()
+        probs.append(cap[1].detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(probs[0], probs[1], atol=1e-6, rtol=0)
+    assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
 

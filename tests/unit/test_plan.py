@@ -12,7 +12,15 @@ from recipe_scripts import train_script
 from aligntI.cli import main
 from aligntI.config import load_recipe, resolve_batching
 from aligntI.engine import build_ds_config, teacher_ds_config
-from aligntI.plan import ModelShape, count_samples, make_plan, model_shape, student_memory, teacher_memory
+from aligntI.plan import (
+    ModelShape,
+    count_samples,
+    format_plan,
+    make_plan,
+    model_shape,
+    student_memory,
+    teacher_memory,
+)
 
 ZERO3_OFFLOAD = str(REPO / "ds_configs" / "zero3_offload.json")
 ZERO3 = str(REPO / "ds_configs" / "zero3.json")
@@ -161,12 +169,12 @@ def test_teacher_estimate_by_hand(tmp_path):
     # ZeRO-2 student: the teacher is a whole replica (stage 0).
     cfg2 = hand_recipe(tmp_path, 2, teacher={"path": "t"})
     ds2 = build_ds_config(cfg2.engine, resolve_batching(cfg2.train, 4), device="cuda")
-    t2 = teacher_memory(SHAPE, cfg2, teacher_ds_config(ds2, False, device="cuda"), 4)
+    t2 = teacher_memory(SHAPE, cfg2, teacher_ds_config(ds2, "auto", device="cuda"), 4)
     assert t2.zero_stage == 0 and t2["parameters"] == 1120 * 2 and t2["gathered (ZeRO-3)"] == 0
 
 
 def test_offload_moves_optimizer_state_and_parameters_off_the_gpu(tmp_path, models, data_dir):
-    path = recipe(tmp_path, models, data_dir, ZERO3_OFFLOAD, distill=True, teacher={"offload_params": True})
+    path = recipe(tmp_path, models, data_dir, ZERO3_OFFLOAD, distill=True, teacher={"placement": "offload"})
     plan = make_plan(path, world_size=2)
     assert plan.student["optimizer state"] == 0 and plan.student["parameters"] == 0
     assert plan.student["gradients"] > 0 and plan.student["gathered (ZeRO-3)"] > 0  # gathered for forward
@@ -258,3 +266,27 @@ def test_a_global_batch_that_does_not_divide_names_the_key(tmp_path, models, dat
     assert "train.gradient_accumulation_steps: micro_batch_size 2 x gradient_accumulation_steps 2" in \
         capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("student_passes", ["joint", "separate"])
+def test_traffic_per_placement_from_parameter_counts(tmp_path, models, data_dir, student_passes):
+    """Per-step gathers by placement, against the parameter counts of the real models (bf16, 2 GPUs)."""
+    path = recipe(tmp_path, models, data_dir, ZERO3, distill=True, tpa={"student_passes": student_passes})
+    plan = make_plan(path, world_size=2)
+    accumulation = plan.batching.gradient_accumulation_steps
+    teacher, student = models["oracle"]["teacher"], models["oracle"]["student"]
+    by_name = {p.name: p for p in plan.placements}
+    assert [p.name for p in plan.placements] == ["sharded", "replicated", "offload"] and by_name["sharded"].chosen
+    # One joint teacher pass: every teacher parameter gathered once per micro-batch.
+    assert by_name["sharded"].traffic.gathered == teacher["total"] * 2 * accumulation
+    assert by_name["replicated"].traffic.gathered == 0 == by_name["sharded"].traffic.from_host
+    assert by_name["offload"].traffic.from_host == by_name["offload"].traffic.gathered / 2 > 0
+    assert by_name["offload"].teacher_bytes < by_name["sharded"].teacher_bytes  # no parameter shard on the GPU
+    parts = student["parts"]
+    backward = parts["llm"] + parts["projector"]  # the frozen vision tower has no backward
+    per_micro = (2 * student["total"] if student_passes == "joint" else student["total"] + 2 * parts["llm"]) + backward
+    traffic, _ = plan.student_traffic
+    assert traffic.gathered == per_micro * 2 * accumulation
+    assert traffic.reduced == backward * 2 * accumulation
+    text = format_plan(plan)
+    assert "Teacher placement (teacher.placement; * = this recipe)" in text and "sharded *" in text
