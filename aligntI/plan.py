@@ -442,7 +442,12 @@ def world_size_of(world_size: int | None, environ=None) -> tuple[int, str]:
 def make_plan(recipe: str | Path, overrides: list[str] | None = None, *, world_size: int | None = None,
               gpu_memory_gib: float = GPU_MEMORY_GIB, train_samples: int | None = None, environ=None) -> Plan:
     """Everything a run of ``recipe`` would set up, without weights or a process group."""
-    from aligntI.engine import build_ds_config, latest_complete_checkpoint, teacher_ds_config, teacher_placement
+    from aligntI.engine import (
+        build_ds_config,
+        latest_complete_checkpoint,
+        teacher_ds_config,
+        teacher_placement,
+    )
 
     cfg = load_recipe(recipe, overrides)
     world, world_source = world_size_of(world_size, environ)

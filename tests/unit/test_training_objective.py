@@ -126,5 +126,5 @@ def test_one_teacher_pass_gives_the_two_pass_losses_and_gradients(student_passes
     for term, value in oracle_sums.items():
         torch.testing.assert_close(out.sums[term], value.detach(), atol=1e-5, rtol=1e-5, msg=term)
     torch.testing.assert_close(out.loss.detach(), oracle_loss.detach(), atol=1e-6, rtol=1e-5)
-    for p, g, o in zip(params, grads, oracle_grads):
+    for g, o in zip(grads, oracle_grads):
         torch.testing.assert_close(g, o, atol=1e-6, rtol=1e-4)
