@@ -1,7 +1,7 @@
 """The paper's component table in miniature, on the CPU example: every row over several seeds, one command.
 
-    python recipes/mini/reproduce.py [--quick] [--seeds N] [--steps N] [--teacher-steps N] [--ranks-per-job N]
-                                     [--out DIR]
+    python recipes/mini/reproduce.py [--quick] [--task digitgrid|gridread] [--task-option KEY=VALUE ...]
+                                     [--seeds N] [--steps N] [--teacher-steps N] [--ranks-per-job N] [--out DIR]
 
 Run as a script, so that its folder is on ``sys.path`` and ``reproduce_report`` beside it imports.
 
@@ -33,15 +33,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from reproduce_report import evaluate_model_dir, write_report
 from tqdm import tqdm
 
 from aligntI.models.builder import init_model_dir
 from aligntI.tasks.digitgrid import write_digitgrid_with_tokenizer
+from aligntI.tasks.gridread import GridReadOptions, parse_options, write_gridread_with_tokenizer
 
 # The recipes name their data and DS JSON relative to the repository: the training jobs run in REPO.
 REPO = Path(__file__).resolve().parents[2]
-DATA = REPO / "data" / "digitgrid"
 MODELS = REPO / "recipes" / "mini" / "models"
 # The zero2 JSON: a student of 87K trainable parameters gains nothing from ZeRO-3's per-module gathers,
 # which cost 2-4x the step on gloo; the losses are the same (the ZeRO-3 paths are what the tests run).
@@ -71,6 +72,64 @@ METHODS = (
 )
 
 
+@dataclass
+class Task:
+    """What a reproduction trains on: the data, the model specs, and the recipe settings that follow from it."""
+
+    name: str
+    categories: tuple[str, ...]
+    max_new_tokens: int
+    options: GridReadOptions | None = None  # GridRead's generator options; None: DigitGrid
+
+    def data_dir(self, out: Path) -> Path:
+        # DigitGrid's one dataset is shared with run.sh; a GridRead setting lives with its reproduction.
+        return REPO / "data" / "digitgrid" if self.options is None else out / "data"
+
+    def write_data(self, data: Path) -> None:
+        if self.options is None:
+            if not (data / "tokenizer").is_dir():
+                write_digitgrid_with_tokenizer(data)
+        else:
+            write_gridread_with_tokenizer(data, self.options)
+
+    def spec(self, role: str, out: Path) -> Path:
+        """The model spec YAML of ``role`` (teacher or student), its image size the task's."""
+        if self.options is None:
+            return MODELS / f"{role}.yaml"
+        spec = yaml.safe_load((MODELS / f"{role}_gridread.yaml").read_text())
+        spec["vision"]["image_size"] = self.options.image_size
+        path = out / "init" / f"{role}_spec.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    def overrides(self, data: Path) -> list[str]:
+        """Recipe overrides of every job (the recipes under recipes/mini are DigitGrid's)."""
+        if self.options is None:
+            return []
+        # 64 image tokens + question + an answer of up to 3 * grid^2 words, with room.
+        length = (self.options.image_size // 8) ** 2 + 3 * self.options.grid**2 + 32
+        return [f"data.train.0.path={data / 'train.json'}", f"data.max_length={length}",
+                f"eval.data={data / 'val.json'}", f"eval.max_new_tokens={self.max_new_tokens}"]
+
+
+def make_task(name: str, options: list[str], quick: bool) -> Task:
+    from aligntI.tasks import digitgrid, gridread
+
+    if name == "digitgrid":
+        if options:
+            raise ValueError("--task-option applies to --task gridread")
+        return Task("digitgrid", digitgrid.CATEGORIES, 8)
+    if name != "gridread":
+        raise ValueError(f"--task: expected digitgrid or gridread, got {name!r}")
+    if quick and not any(o.startswith("train_size=") for o in options):
+        options = ["train_size=8000", *options]  # the quick teacher sees a fraction of the default 30000
+    opts = parse_options(options)
+    # Longest answer: the grid read out (grid^2 digits and grid - 1 commas) or every pair of a where.
+    return Task("gridread", tuple(c for c in gridread.CATEGORIES if opts.mix.get(c, 0) > 0),
+                3 * opts.grid**2 + 2, opts)
+
+
 @dataclass(frozen=True)
 class Preset:
     seeds: int
@@ -78,11 +137,17 @@ class Preset:
     teacher_steps: int
     sweep_seeds: int  # seeds that try every vanilla-KD temperature
     heatmap_samples: int
+    mechanism_samples: int = 200  # held-out questions of the mechanism measurements (GridRead)
 
 
 PRESETS = {
-    "default": Preset(seeds=5, student_steps=800, teacher_steps=3000, sweep_seeds=1, heatmap_samples=8),
-    "quick": Preset(seeds=2, student_steps=200, teacher_steps=1000, sweep_seeds=1, heatmap_samples=4),
+    ("digitgrid", "default"): Preset(seeds=5, student_steps=800, teacher_steps=3000, sweep_seeds=1, heatmap_samples=8),
+    ("digitgrid", "quick"): Preset(seeds=2, student_steps=200, teacher_steps=1000, sweep_seeds=1, heatmap_samples=4),
+    # GridRead's sequences are 4x longer (64 image tokens, answers up to 19 words): fewer, slower steps.
+    ("gridread", "default"): Preset(seeds=5, student_steps=400, teacher_steps=2000, sweep_seeds=1,
+                                    heatmap_samples=7),
+    ("gridread", "quick"): Preset(seeds=2, student_steps=60, teacher_steps=300, sweep_seeds=1, heatmap_samples=7,
+                                  mechanism_samples=100),
 }
 
 
@@ -184,13 +249,17 @@ def val_accuracy(run_dir: Path) -> float:
 class Reproduction:
     out: Path
     preset: Preset
+    task: Task
     ranks_per_job: int = 1
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)
     methods: tuple[Method, ...] = METHODS
-    data: Path = DATA
     runs: dict[str, list[Path]] = field(default_factory=dict)  # method key -> run dirs of the reported seeds
     temperature: float | None = None  # vanilla KD's chosen temperature
     sweep: dict[float, list[float]] = field(default_factory=dict)  # temperature -> validation accuracies
+
+    @property
+    def data(self) -> Path:
+        return self.task.data_dir(self.out)
 
     @property
     def teacher_dir(self) -> Path:
@@ -206,16 +275,15 @@ class Reproduction:
     # -- preparation ----------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        if not (self.data / "tokenizer").is_dir():
-            write_digitgrid_with_tokenizer(self.data)
+        self.task.write_data(self.data)
         teacher_init = self.out / "init" / "teacher"
         if not (teacher_init / "config.json").is_file():
-            init_model_dir(MODELS / "teacher.yaml", self.data / "tokenizer", teacher_init)
+            init_model_dir(self.task.spec("teacher", self.out), self.data / "tokenizer", teacher_init)
 
     def make_student_init(self, seed: int) -> None:
         path = self.student_init(seed)
         if not (path / "config.json").is_file():
-            init_model_dir(MODELS / "student.yaml", self.data / "tokenizer", path,
+            init_model_dir(self.task.spec("student", self.out), self.data / "tokenizer", path,
                            vision_from=self.teacher_dir / "final", seed=seed)
 
     # -- jobs -----------------------------------------------------------------------------------------
@@ -225,14 +293,14 @@ class Reproduction:
         return Job("teacher", self.teacher_dir, "recipes/mini/teacher_sft.yaml", [
             f"run_dir={self.teacher_dir}", f"model.path={self.out / 'init' / 'teacher'}",
             f"train.max_steps={self.preset.teacher_steps}", f"train.micro_batch_size={32 // min(cores, 2)}",
-            *ENGINE], ranks=min(cores, 2))
+            *self.task.overrides(self.data), *ENGINE], ranks=min(cores, 2))
 
     def student_job(self, method: Method, seed: int, temperature: float | None = None) -> Job:
         run_dir = self.run_dir(method, seed, temperature)
         overrides = [
             f"run_dir={run_dir}", f"seed={seed}", f"model.path={self.student_init(seed)}",
             f"train.max_steps={self.preset.student_steps}", f"train.micro_batch_size={32 // self.ranks_per_job}",
-            f"eval.data={self.data / 'val.json'}", *ENGINE,
+            f"eval.data={self.data / 'val.json'}", *self.task.overrides(self.data), *ENGINE,
         ]
         if method.needs_teacher:
             overrides.append(f"teacher.path={self.teacher_dir / 'final'}")
@@ -294,23 +362,28 @@ class Reproduction:
 
         torch.set_num_threads(self.cores)
         test = self.data / "test.json"
-        scores = {"teacher": [evaluate_model_dir(self.teacher_dir / "final", test)]}
+        n = self.task.max_new_tokens
+        scores = {"teacher": [evaluate_model_dir(self.teacher_dir / "final", test, max_new_tokens=n)]}
         for key, dirs in tqdm(list(self.runs.items()), desc="test", dynamic_ncols=True):
-            scores[key] = [evaluate_model_dir(d / "final", test) for d in dirs]
+            scores[key] = [evaluate_model_dir(d / "final", test, max_new_tokens=n) for d in dirs]
         return scores
 
 
-def reproduce(*, quick: bool = False, out: str | None = None, seeds: int | None = None, steps: int | None = None,
+def reproduce(*, quick: bool = False, task: str = "digitgrid", task_options: list[str] | None = None,
+              out: str | None = None, seeds: int | None = None, steps: int | None = None,
               teacher_steps: int | None = None, ranks_per_job: int = 1) -> str:
     """Train everything that is not already done, evaluate, write the report; returns results.md's text.
-    ``out``: relative to the working directory (default: ``runs/mini/reproduce[_quick]`` in the repository)."""
-    base = PRESETS["quick" if quick else "default"]
+    ``out``: relative to the working directory (default: ``runs/mini/reproduce[_gridread][_quick]`` in the
+    repository)."""
+    the_task = make_task(task, task_options or [], quick)
+    base = PRESETS[task, "quick" if quick else "default"]
     seeds = seeds or base.seeds
     preset = Preset(seeds=seeds, student_steps=steps or base.student_steps,
                     teacher_steps=teacher_steps or base.teacher_steps, sweep_seeds=min(base.sweep_seeds, seeds),
-                    heatmap_samples=base.heatmap_samples)
-    default = REPO / "runs" / "mini" / ("reproduce_quick" if quick else "reproduce")
-    repro = Reproduction(out=Path(out).resolve() if out else default, preset=preset, ranks_per_job=ranks_per_job)
+                    heatmap_samples=base.heatmap_samples, mechanism_samples=base.mechanism_samples)
+    name = "reproduce" + ("_gridread" if task == "gridread" else "") + ("_quick" if quick else "")
+    repro = Reproduction(out=Path(out).resolve() if out else REPO / "runs" / "mini" / name, preset=preset,
+                         task=the_task, ranks_per_job=ranks_per_job)
     repro.train_all()
     start = time.monotonic()  # training time comes from the jobs' records (they may span several invocations)
     scores = repro.evaluate_all()
@@ -325,14 +398,23 @@ def main(argv: list[str] | None = None) -> None:
                                             "every row over seeds, results.md/png, attention heat-maps")
     p.add_argument("--quick", action="store_true",
                    help="the short preset: teacher 1000 steps, 2 seeds, 200 student steps (under 10 min)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/mini/reproduce[_quick])")
+    p.add_argument("--task", default="digitgrid", choices=("digitgrid", "gridread"),
+                   help="digitgrid (2x2 digits, 1-4-token answers) or gridread (localized questions, long answers)")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a GridRead generator option (grid, upscale, mix=cat:w,..., phrasings, row_separator, "
+                        "train_size, val_size, test_size, seed); repeat for several")
+    p.add_argument("--out", default=None, help="output folder (default: runs/mini/reproduce[_gridread][_quick])")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's, 5)")
     p.add_argument("--steps", type=int, default=None, help="student steps (default: the preset's, 800)")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: the preset's, 3000)")
     p.add_argument("--ranks-per-job", type=int, default=1,
                    help="ranks of each student job; cores // ranks jobs run side by side (default 1)")
     args = p.parse_args(argv)
-    reproduce(quick=args.quick, out=args.out, seeds=args.seeds, steps=args.steps, teacher_steps=args.teacher_steps,
+    try:
+        make_task(args.task, args.task_option, args.quick)
+    except ValueError as err:
+        p.error(str(err))  # one line, exit 2
+    reproduce(quick=args.quick, task=args.task, task_options=args.task_option, out=args.out, seeds=args.seeds, steps=args.steps, teacher_steps=args.teacher_steps,
               ranks_per_job=args.ranks_per_job)
 
 

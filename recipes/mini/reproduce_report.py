@@ -6,8 +6,6 @@ import json
 import statistics
 from pathlib import Path
 
-CATEGORIES = ("pos", "read", "sum", "odd")
-
 
 def evaluate_model_dir(model_dir: Path, data: Path, batch_size: int = 250, max_new_tokens: int = 8) -> dict:
     """Greedy exact match of an exported HF model (one process, no process group), written next to it."""
@@ -76,11 +74,11 @@ def training_minutes(out: Path) -> dict[str, float]:
     return {"teacher": span(teacher), "students": span(students), "student_jobs": len(students)}
 
 
-def fixed_samples(data: Path, per_category: int) -> list[int]:
+def fixed_samples(data: Path, per_category: int, categories: tuple[str, ...]) -> list[int]:
     """The first ``per_category`` test questions of each category: the same pictures in every run."""
     records = json.loads(Path(data).read_text())
     chosen = []
-    for cat in CATEGORIES:
+    for cat in categories:
         chosen += [i for i, r in enumerate(records) if r.get("category") == cat][:per_category]
     return sorted(chosen)
 
@@ -88,19 +86,22 @@ def fixed_samples(data: Path, per_category: int) -> list[int]:
 def summarise(repro, scores: dict[str, list[dict]]) -> dict:
     """Everything the report shows, as plain data (also written to results.json)."""
     rows = []
+    categories = repro.task.categories
     for m in repro.methods:
         per_seed = scores[m.key]
         label = m.label + (f" (T={repro.temperature:g})" if m.temperatures else "")
         rows.append({
             "key": m.key, "label": label, "paper": m.paper,
             "all": mean_std([s["all"] for s in per_seed]),
-            "categories": {c: mean_std([s[c] for s in per_seed]) for c in CATEGORIES},
+            "categories": {c: mean_std([s[c] for s in per_seed]) for c in categories},
             "per_seed": [s["all"] for s in per_seed],
             "losses": {k: statistics.mean(d[k] for d in ls) for ls in
                        [[final_losses(r) for r in repro.runs[m.key]]] for k in ls[0]},
         })
     by_key = {r["key"]: r for r in rows}
     return {
+        "task": repro.task.name, "categories": list(categories),
+        "task_options": vars(repro.task.options) if repro.task.options else None,
         "preset": vars(repro.preset), "ranks_per_job": repro.ranks_per_job, "cores": repro.cores,
         "slots": max(1, repro.cores // repro.ranks_per_job), "wall_minutes": training_minutes(repro.out),
         "teacher": scores["teacher"][0],
@@ -139,7 +140,8 @@ def attention_study(repro, out: Path) -> dict:
     pictures = {"teacher": teacher, "student before": repro.student_init(0),
                 "after SFT": repro.runs["sft"][0] / "final", "after Align-TI": repro.runs["align_ti"][0] / "final"}
     layers, source = resolve_layers(pictures, "teacher", irs=irs)
-    shown = compute_attention_maps(pictures, test, fixed_samples(test, max(1, repro.preset.heatmap_samples // 4)),
+    shown = compute_attention_maps(pictures, test, fixed_samples(test, max(1, repro.preset.heatmap_samples // len(repro.task.categories)),
+                                                 repro.task.categories),
                                    layers, teacher="teacher", layer_source=source)
     paths = write_attention_maps(shown, out / "attention_maps")
     report = json.loads(irs.read_text())
@@ -155,6 +157,7 @@ def plot_results(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
+    categories = summary["categories"]
     fig, (ax, ax_cat) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.4]})
     x = range(len(rows))
     means = [r["all"][0] for r in rows]
@@ -163,19 +166,19 @@ def plot_results(summary: dict, path: Path) -> None:
         ax.scatter([i] * len(r["per_seed"]), r["per_seed"], s=12, color="#1f3b4d", zorder=3)
     ax.axhline(summary["teacher"]["all"], color="#c0392b", ls="--", label=f"teacher {summary['teacher']['all']:.1f}")
     ax.set_xticks(list(x), [r["label"].split(" (")[0] for r in rows], rotation=25, ha="right")
-    ax.set_ylabel("DigitGrid test exact match (%)")
+    ax.set_ylabel(f"{summary['task']} test exact match (%)")
     low = min(min(r["per_seed"]) for r in rows)
     ax.set_ylim(max(0, low - 10), 100)
     ax.set_title(f"{len(rows[0]['per_seed'])} seeds, {summary['preset']['student_steps']} steps")
     ax.legend(loc="lower right", fontsize=8)
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
-        xs = [c + (i - (len(rows) - 1) / 2) * width for c in range(len(CATEGORIES))]
-        ax_cat.bar(xs, [r["categories"][c][0] for c in CATEGORIES], width,
-                   yerr=[r["categories"][c][1] for c in CATEGORIES], capsize=2, label=r["label"].split(" (")[0])
-    ax_cat.scatter(range(len(CATEGORIES)), [summary["teacher"][c] for c in CATEGORIES], marker="_", s=400,
+        xs = [c + (i - (len(rows) - 1) / 2) * width for c in range(len(categories))]
+        ax_cat.bar(xs, [r["categories"][c][0] for c in categories], width,
+                   yerr=[r["categories"][c][1] for c in categories], capsize=2, label=r["label"].split(" (")[0])
+    ax_cat.scatter(range(len(categories)), [summary["teacher"][c] for c in categories], marker="_", s=400,
                    color="#c0392b", zorder=3, label="teacher")
-    ax_cat.set_xticks(range(len(CATEGORIES)), CATEGORIES)
+    ax_cat.set_xticks(range(len(categories)), categories)
     ax_cat.set_ylabel("exact match (%)")
     ax_cat.set_title("per question type")
     ax_cat.set_ylim(0, 128)  # room above the bars for the legend
@@ -201,29 +204,31 @@ def _diff(d: dict) -> str:
 def format_markdown(summary: dict, attention: dict, minutes: float) -> str:
     """``minutes``: this invocation's evaluation and report (training times come from the jobs' records)."""
     p = summary["preset"]
+    categories = summary["categories"]
     w = summary["wall_minutes"]
     t = summary["teacher"]
     lines = [
-        "# Miniature reproduction of the paper's component table (DigitGrid, CPU)",
+        f"# Miniature reproduction of the paper's component table ({summary['task']}, CPU)",
         "",
-        f"Teacher: SigLIP h64/L2 + Qwen2 h128/L4, SFT {p['teacher_steps']} steps on 30k samples: test exact match "
+        *([f"Task options: `{json.dumps(summary['task_options'])}`.", ""] if summary["task_options"] else []),
+        f"Teacher: SigLIP h64/L2 + Qwen2 h128/L4, SFT {p['teacher_steps']} steps: test exact match "
         f"**{t['all']:.1f}**. Students: the teacher's frozen SigLIP + Qwen2 h64/L2, 3k training samples, "
-        f"{p['student_steps']} steps, seeds 0-{p['seeds'] - 1} (initial weights and data order). Test: 1000 held-out "
-        f"questions. Paper: Qwen2.5-0.5B student, average of the six benchmarks.",
+        f"{p['student_steps']} steps, seeds 0-{p['seeds'] - 1} (initial weights and data order). Test: the held-out "
+        f"split. Paper: Qwen2.5-0.5B student, average of the six benchmarks.",
         "",
         f"Wall time on {summary['cores']} CPU cores: teacher {w['teacher']:.1f} min (2 ranks), {w['student_jobs']} student "
         f"jobs {w['students']:.1f} min ({summary['slots']} side by side, {summary['ranks_per_job']} rank each), test "
         f"evaluation and this report {minutes:.1f} min; total {w['teacher'] + w['students'] + minutes:.1f} min.",
         "",
-        "| method | test exact match (mean ± std) | pos | read | sum | odd | per seed | paper (avg of six) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | test exact match (mean ± std) | " + " | ".join(categories) + " | per seed | paper (avg of six) |",
+        "|---|---|" + "---|" * len(categories) + "---|---|",
     ]
     for r in summary["rows"]:
-        cats = " | ".join(_pm(r["categories"][c]) for c in CATEGORIES)
+        cats = " | ".join(_pm(r["categories"][c]) for c in categories)
         seeds = " / ".join(f"{v:.1f}" for v in r["per_seed"])
         paper = f"{r['paper']:.1f}" if r["paper"] is not None else "—"
         lines.append(f"| {r['label']} | **{_pm(r['all'])}** | {cats} | {seeds} | {paper} |")
-    cats = " | ".join(f"{t[c]:.1f}" for c in CATEGORIES)
+    cats = " | ".join(f"{t[c]:.1f}" for c in categories)
     lines += [f"| Teacher | {t['all']:.1f} | {cats} | | |", ""]
     a_kd = summary["align_ti_minus_vanilla_kd"]
     resolved = a_kd["p_value"] < 0.05  # False for nan (one seed)
@@ -272,7 +277,198 @@ def write_report(repro, scores: dict[str, list[dict]], minutes: float) -> str:
     summary = summarise(repro, scores)
     attention = attention_study(repro, repro.out)
     text = format_markdown(summary, attention, minutes)
+    mech = None
+    if repro.task.options is not None:  # GridRead: where the relevant region is known and answers are long
+        mech = mechanism_study(repro)
+        text += "\n" + format_mechanisms(summary, mech)
+        plot_mechanisms(summary, mech, repro.out / "mechanisms.png")
     (repro.out / "results.md").write_text(text)
-    (repro.out / "results.json").write_text(json.dumps({**summary, "attention": attention}, indent=2) + "\n")
+    (repro.out / "results.json").write_text(json.dumps({**summary, "attention": attention, "mechanisms": mech},
+                                                       indent=2) + "\n")
     plot_results(summary, repro.out / "results.png")
     return text
+
+
+# -- GridRead: the mechanisms, the predictions made from the task's design, and which held ----------------
+
+# Written from GridRead's design before its table was run; each is checked against the table it reports.
+# (key, what should happen, row a, row b, measure, sign: +1 if a should exceed b, -1 if it should be below)
+PREDICTIONS = (
+    ("iva_one_cell", "IVA's teacher-attention weights beat uniform weights on one-cell questions (a cell is 6% of "
+     "the vision tokens: uniform weights spend the rest of the vision-token KL elsewhere)", "iva",
+     "visual_kd_uniform", "exact:cells:1", +1),
+    ("tpa_transition", "+TPA lowers the held-out transition KL against vanilla KD (what TPA minimises)", "tpa",
+     "vanilla_kd", "transition_kl", -1),
+    ("tpa_long", "+TPA beats vanilla KD on long answers (8+ words; per-item accuracy), where an early wrong token "
+     "leaves the student off the path for many more", "tpa", "vanilla_kd", "items:long", +1),
+    ("align_ti_vs_iva", "Align-TI beats +IVA overall (TPA adds to IVA)", "align_ti", "iva", "items:all", +1),
+    ("align_ti_vs_kd", "Align-TI beats vanilla KD overall", "align_ti", "vanilla_kd", "items:all", +1),
+)
+LENGTH_KEYS = ("len:1-2", "len:3-7", "len:8-14", "len:15+")
+
+
+def _items_of(model_dir: Path, records: dict) -> tuple[dict, set[str]]:
+    from aligntI.eval.generation import normalize_answer
+    from aligntI.eval.items import item_scores
+
+    preds = [json.loads(line) for line in (Path(model_dir) / "eval" / "test_predictions.jsonl").open()]
+    right = {p["id"] for p in preds if normalize_answer(p["prediction"]) == normalize_answer(p["reference"])}
+    return item_scores(preds, records), right
+
+
+def mechanism_study(repro) -> dict:
+    """Per-item scores of every model (from its test predictions), the teacher's capture at the IVA layer and
+    each student's ground-truth and transition KL to the teacher on the first test questions."""
+    import torch
+
+    from aligntI.config import AttentionConfig
+    from aligntI.eval.mechanisms import divergences, held_out_loader, teacher_focus
+    from aligntI.hooks.attention import install
+    from aligntI.models.loading import load_model, load_processor
+
+    install()  # before any model is loaded: the capture and the candidate pass go through the wrapped kernels
+    test = repro.data / "test.json"
+    records = {r["id"]: r for r in json.loads(test.read_text())}
+    load = lambda d: load_model(str(d), AttentionConfig("sdpa", "sdpa"), torch.float32).eval()  # noqa: E731
+    teacher_dir = repro.teacher_dir / "final"
+    processor = load_processor(str(teacher_dir))
+    teacher = load(teacher_dir)
+    loader = held_out_loader(processor, str(test), repro.preset.mechanism_samples, batch_size=50)
+    teacher_items, right = _items_of(teacher_dir, records)
+    layer = json.loads((repro.runs["align_ti"][0] / "irs.json").read_text())["chosen_layer"]
+    capture = teacher_focus(teacher, loader, records, repro.task.options.grid, layer, correct=right)
+    rows = {}
+    for key in tqdm_([m.key for m in repro.methods], "mechanisms"):  # the table's order
+        dirs = repro.runs[key]
+        per_seed = []
+        for d in dirs:
+            items, _ = _items_of(d / "final", records)
+            kl = divergences(teacher, load(d / "final"), loader, records, never=(processor.image_token_id,))
+            flat = {f"exact:{k}": v["exact"] for k, v in items.items()}
+            flat |= {f"items:{k}": v["items"] for k, v in items.items()}
+            flat |= {"transition_kl": kl["all"]["transition_kl"], "gt_kl": kl["all"]["gt_kl"]}
+            flat |= {f"transition_kl:{k}": v["transition_kl"] for k, v in kl.items() if k != "all"}
+            per_seed.append(flat)
+        rows[key] = {k: [s[k] for s in per_seed] for k in per_seed[0]}
+    checks = []
+    for key, text, a, b, measure, sign in PREDICTIONS:
+        d = paired_difference(rows[a][measure], rows[b][measure])
+        checks.append({"key": key, "prediction": text, "a": a, "b": b, "measure": measure, "sign": sign,
+                       "difference": d, "held": d["mean"] * sign > 0,
+                       "a_value": mean_std(rows[a][measure]), "b_value": mean_std(rows[b][measure])})
+    return {"teacher_items": teacher_items, "capture": capture, "rows": rows, "checks": checks,
+            "samples": repro.preset.mechanism_samples}
+
+
+def tqdm_(items, desc):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, dynamic_ncols=True)
+
+
+def plot_mechanisms(summary: dict, mech: dict, path: Path) -> None:
+    """Three panels: the teacher's IVA weight against the token share by region, each row's KLs, each row's
+    per-item accuracy by answer length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {r["key"]: r["label"].split(" (")[0] for r in summary["rows"]}
+    fig, (ax_c, ax_kl, ax_len) = plt.subplots(1, 3, figsize=(16, 4.8))
+    rel = mech["capture"]["relevant"]
+    regions = sorted((k for k in rel if k.startswith("cells:")), key=lambda k: int(k.split(":")[1]))
+    x = range(len(regions))
+    ax_c.bar([i - 0.27 for i in x], [rel[k]["token_share"] for k in regions], 0.27, label="token share (uniform)")
+    ax_c.bar(list(x), [rel[k]["weight_share"] for k in regions], 0.27, label="IVA weight share")
+    ax_c.bar([i + 0.27 for i in x], [rel.get(f"right:{k}", rel[k])["weight_share"] for k in regions], 0.27,
+             label="IVA weight share, teacher right")
+    ax_c.set_xticks(list(x), [f"{k.split(':')[1]} cells" for k in regions])
+    ax_c.set_ylabel("weight on the relevant cells' tokens")
+    ax_c.set_title(f"teacher layer {mech['capture']['iva_layer']}: where IVA's weights go")
+    ax_c.legend(fontsize=8)
+    keys = [k for k in labels if k in mech["rows"]]
+    for j, (measure, name) in enumerate((("gt_kl", "ground-truth path"), ("transition_kl", "after off-path token"))):
+        vals = [mean_std(mech["rows"][k][measure]) for k in keys]
+        ax_kl.bar([i + (j - 0.5) * 0.4 for i in range(len(keys))], [v[0] for v in vals], 0.4,
+                  yerr=[v[1] for v in vals], capsize=3, label=name)
+    ax_kl.set_xticks(range(len(keys)), [labels[k] for k in keys], rotation=25, ha="right")
+    ax_kl.set_ylabel("KL(teacher ‖ student) per position")
+    ax_kl.set_title("held-out next-token KL")
+    ax_kl.legend(fontsize=8)
+    present = [k for k in LENGTH_KEYS if f"items:{k}" in mech["rows"][keys[0]]]
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        vals = [mean_std(mech["rows"][k][f"items:{b}"]) for b in present]
+        ax_len.bar([c + (i - (len(keys) - 1) / 2) * width for c in range(len(present))], [v[0] for v in vals], width,
+                   yerr=[v[1] for v in vals], capsize=2, label=labels[k])
+    ax_len.set_xticks(range(len(present)), [f"{b.split(':')[1]} words" for b in present])
+    ax_len.set_ylabel("per-item accuracy (%)")
+    ax_len.set_title("by answer length")
+    ax_len.set_ylim(0, 115)
+    ax_len.legend(fontsize=7, ncol=3, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_mechanisms(summary: dict, mech: dict) -> str:
+    labels = {r["key"]: r["label"] for r in summary["rows"]}
+    cap = mech["capture"]
+    rel = cap["relevant"]
+    lines = ["## Predictions and what held", "",
+             "Made from GridRead's design before the table was run (the direction each difference should take); "
+             "a difference is resolved when its paired p < 0.05.", "",
+             "| prediction | measure | rows | a | b | a − b (paired) | held |", "|---|---|---|---|---|---|---|"]
+    for c in mech["checks"]:
+        d = c["difference"]
+        resolved = d["p_value"] < 0.05
+        verdict = ("yes" if c["held"] else "**no**") + (" (resolved)" if resolved else " (not resolved)")
+        lines.append(f"| {c['prediction']} | `{c['measure']}` | {summary_label(labels, c['a'])} vs "
+                     f"{summary_label(labels, c['b'])} | {_pm(c['a_value'], 3)} | {_pm(c['b_value'], 3)} | "
+                     f"{d['mean']:+.3f} ± {d['std']:.3f} (p = {d['p_value']:.2f}) | {verdict} |")
+    lines += ["", f"## Mechanisms (first {mech['samples']} test questions)", "",
+              "Teacher IRS per layer on held-out questions: "
+              + ", ".join(f"L{i} {v:.3f}" for i, v in enumerate(cap["irs"]))
+              + f"; IVA layer (chosen by the training calibration) {cap['iva_layer']}, {cap['vision_tokens']} "
+              "vision tokens.", "",
+              "| questions | n | IVA weight on the relevant cells | their token share (= uniform weights) | ratio |",
+              "|---|---|---|---|---|"]
+    order = sorted(rel, key=lambda k: (k.startswith("right:"), not k.removeprefix("right:").startswith("cells:"),
+                                       k))
+    for k in order:
+        v = rel[k]
+        name = k.replace("right:", "teacher right, ")
+        lines.append(f"| {name} | {v['n']} | {v['weight_share']:.3f} | {v['token_share']:.3f} | "
+                     f"{v['weight_share'] / v['token_share']:.2f}x |")
+    lines += ["", "| method | transition KL (off-path) | next-token KL (ground truth) | item accuracy | long answers, "
+              "items | one-cell, exact | whole grid, exact |", "|---|---|---|---|---|---|---|"]
+    cells = sorted((k for k in next(iter(mech["rows"].values())) if k.startswith("exact:cells:")),
+                   key=lambda k: int(k.rsplit(":", 1)[1]))
+    for key, m in mech["rows"].items():
+        lines.append(f"| {labels[key]} | {_pm(mean_std(m['transition_kl']), 3)} | {_pm(mean_std(m['gt_kl']), 3)} | "
+                     f"{_pm(mean_std(m['items:all']))} | {_pm(mean_std(m['items:long']))} | "
+                     f"{_pm(mean_std(m[cells[0]]))} | {_pm(mean_std(m[cells[-1]]))} |")
+    t = mech["teacher_items"]
+    lines += [f"| Teacher | 0 | 0 | {t['all']['items']:.1f} | {t['long']['items']:.1f} | "
+              f"{t[cells[0].removeprefix('exact:')]['exact']:.1f} | {t[cells[-1].removeprefix('exact:')]['exact']:.1f} |",
+              "", "Exact match / per-item accuracy by answer length (words) and by relevant region (cells), mean "
+              "over seeds:", "",
+              "| method | " + " | ".join(k.replace("len:", "") + " words" for k in LENGTH_KEYS if k in t)
+              + " | " + " | ".join(k.removeprefix("exact:cells:") + " cells" for k in cells) + " |",
+              "|---|" + "---|" * (sum(k in t for k in LENGTH_KEYS) + len(cells))]
+    for key, m in mech["rows"].items():
+        by_len = [f"{statistics.mean(m[f'exact:{k}']):.1f} / {statistics.mean(m[f'items:{k}']):.1f}"
+                  for k in LENGTH_KEYS if k in t]
+        by_cells = [f"{statistics.mean(m[c]):.1f} / {statistics.mean(m['items:' + c.removeprefix('exact:')]):.1f}"
+                    for c in cells]
+        lines.append(f"| {labels[key]} | " + " | ".join(by_len + by_cells) + " |")
+    by_len = [f"{t[k]['exact']:.1f} / {t[k]['items']:.1f}" for k in LENGTH_KEYS if k in t]
+    by_cells = [f"{t[c.removeprefix('exact:')]['exact']:.1f} / {t[c.removeprefix('exact:')]['items']:.1f}"
+                for c in cells]
+    lines += ["| Teacher | " + " | ".join(by_len + by_cells) + " |", "", "Chart: `mechanisms.png`.", ""]
+    return "\n".join(lines)
+
+
+def summary_label(labels: dict, key: str) -> str:
+    return labels[key].split(" (")[0]

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 DRIVER = REPO / "recipes" / "mini" / "reproduce.py"
 sys.path.insert(0, str(DRIVER.parent))  # what running the driver as a script does
 
-from reproduce import METHODS, Job  # noqa: E402
+from reproduce import METHODS, Job, make_task  # noqa: E402
 from reproduce_report import fixed_samples, mean_std, paired_difference  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def test_report_statistics_by_hand():
 def test_heatmap_questions_are_the_first_of_each_type(tmp_path):
     records = [{"category": c} for c in ("sum", "pos", "pos", "read", "odd", "pos", "odd", "sum", "read")]
     (tmp_path / "t.json").write_text(json.dumps(records))
-    assert fixed_samples(tmp_path / "t.json", 2) == [0, 1, 2, 3, 4, 6, 7, 8]
+    assert fixed_samples(tmp_path / "t.json", 2, ("pos", "read", "sum", "odd")) == [0, 1, 2, 3, 4, 6, 7, 8]
 
 
 @pytest.mark.distributed
@@ -88,5 +88,48 @@ def test_reproduce_runs_every_row_over_seeds_and_reports(tmp_path):
         with Image.open(png) as im:
             assert im.size[0] > 400 and im.size[1] > 300
     maps = json.loads((out / "attention_maps" / "attention_maps.json").read_text())
-    assert [s["id"] for s in maps["samples"]] == [f"test-{i:06d}" for i in fixed_samples(REPO / "data/digitgrid/test.json", 2)]
+    assert [s["id"] for s in maps["samples"]] == [f"test-{i:06d}" for i in fixed_samples(REPO / "data/digitgrid/test.json", 2,
+                                                                                      ("pos", "read", "sum", "odd"))]
     assert set(maps["models"]) == {"teacher", "student before", "after SFT", "after Align-TI"}
+
+
+def test_the_task_options_reach_the_data_models_and_recipes(tmp_path):
+    task = make_task("gridread", ["grid=3", "mix=cell:1,grid:2"], quick=False)
+    assert task.categories == ("cell", "grid") and task.options.image_size == 48
+    assert task.max_new_tokens == 3 * 9 + 2  # the longest answer (every pair of a where) fits
+    spec = task.spec("student", tmp_path)
+    assert "image_size: 48" in spec.read_text()
+    assert f"data.train.0.path={tmp_path / 'train.json'}" in task.overrides(tmp_path)
+    assert make_task("gridread", [], quick=True).options.train_size == 8000
+    assert make_task("digitgrid", [], quick=False).overrides(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "gridread", "--task-option", "grid=12"], "grid must be 2..9"),
+    (["--task-option", "grid=3"], "--task-option applies to --task gridread"),
+])
+def test_bad_task_options_exit_2_with_one_message(args, message):
+    proc = subprocess.run([sys.executable, str(DRIVER), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.distributed
+def test_reproduce_on_gridread_reports_the_mechanisms(tmp_path):
+    out = tmp_path / "repro"
+    cmd = [sys.executable, str(DRIVER), "--task", "gridread", "--task-option", "train_size=200",
+           "--task-option", "test_size=60", "--task-option", "val_size=20", "--seeds", "2", "--steps", "3",
+           "--teacher-steps", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["task_options"]["train_size"] == 200 and res["categories"][0] == "cell"
+    mech = res["mechanisms"]
+    assert {c["key"] for c in mech["checks"]} == {"iva_one_cell", "tpa_transition", "tpa_long", "align_ti_vs_iva",
+                                                  "align_ti_vs_kd"}
+    assert all(len(mech["rows"][m.key]["transition_kl"]) == 2 for m in METHODS)
+    rel = mech["capture"]["relevant"]
+    assert rel["cells:1"]["token_share"] == pytest.approx(4 / 64)
+    md = (out / "results.md").read_text()
+    assert "## Predictions and what held" in md and "transition KL" in md
+    with Image.open(out / "mechanisms.png") as im:
+        assert im.size[0] > 1000
