@@ -345,7 +345,7 @@ def replay(passes: list[Pass] | list[dict], models: dict, mb: dict, rows: torch.
     0 (FLOPs do not depend on them). Each model's candidate pass reads the prefix its last ``gt`` pass recorded.
     """
     from aligntI.hooks import attention as capture
-    from aligntI.hooks.transitions import CandidateBatch, PrefixCache
+    from aligntI.hooks.transitions import CandidateBatch, JointPass, PrefixCache
 
     capture.install()
     passes = [p if isinstance(p, Pass) else Pass(**{**p, "flops": 0}) for p in passes]
@@ -368,8 +368,6 @@ def replay(passes: list[Pass] | list[dict], models: dict, mb: dict, rows: torch.
                                       prefix_cache=prefixes[p.model], candidates=cand)
                     kept = int(layout.valid.sum())
                 elif p.kind == "joint":
-                    from aligntI.hooks.transitions import JointPass  # the joint pass is newer than the rest
-
                     joint = JointPass(model, layout, mb_inputs(mb), keep[p.keep])
                     joint.layout = to_meta(_copy(layout), ("input_ids", "position_ids", "index", "key_valid"))
                     ins = joint.inputs

@@ -14,7 +14,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from aligntI.config import AttentionConfig
 from aligntI.data.dataset import model_inputs
 from aligntI.hooks import attention as capture
-from aligntI.hooks.transitions import CandidateBatch, PrefixCache
+from aligntI.hooks.transitions import CandidateBatch, JointPass, PrefixCache
 from aligntI.losses.tpa import scored_rows
 from aligntI.models.loading import load_model, set_trainable
 
@@ -102,6 +102,24 @@ def test_replay_on_meta_counts_what_the_real_passes_count(flops, tmp_path, digit
     kept = candidates.numel()
     assert real["candidates"] == 2 * layout.input_ids.numel() * decoder + 4 * attention + \
         2 * kept * text.hidden_size * text.vocab_size
+
+
+def test_replay_on_meta_counts_what_the_real_joint_pass_counts(flops, tmp_path, digitgrid, tiny_model):
+    """One forward over ground truth and candidates with a graph, then backward: real and on meta."""
+    capture.install()
+    batch = batch_for(tiny_model, write_mixed(tmp_path, digitgrid), "left")
+    model = load_model(tiny_model, AttentionConfig("sdpa", "sdpa")).train()
+    set_trainable(model, ["projector", "llm"])
+    rows = scored_rows(batch["labels"])
+    layout = CandidateBatch(rows, torch.zeros((int(rows.sum()), flops.D), dtype=torch.long), batch["attention_mask"],
+                            batch["position_ids"])
+    joint = JointPass(model, layout, model_inputs(batch), rows)
+    with flops.counter() as c:
+        model(**joint.inputs).logits.sum().backward()
+    meta = flops.replay([flops.Pass("student", "joint", True, "response", False)],
+                        {"student": flops.meta_model_from_dir(tiny_model, ["projector", "llm"])}, batch, rows,
+                        {"student": None})
+    assert meta["student"] == c.get_total_flops()
 
 
 def test_gpu_check_names_the_pinned_wheels_of_what_is_missing(monkeypatch, capsys):
