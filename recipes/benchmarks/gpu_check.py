@@ -179,12 +179,14 @@ def check_candidates(model, vocab, batch, inputs, tol: float, checked: int = 8) 
                                 pixel_values=inputs["pixel_values"][b:b + 1], use_cache=False).logits[0, -1])
         oracle = torch.stack(oracle).float()
     scale = float(oracle.abs().max())
-    errors = {"candidate pass": float((cand[picks].float() - oracle).abs().max()) / scale,
-              "joint pass": float((joint_cand[picks].float() - oracle).abs().max()) / scale,
-              "joint ground truth": float((joint_gt.float() - plain.float()).abs().max()) / scale}
+    errors = {f"candidate pass vs separate forwards ({len(picks)} candidates)":
+              float((cand[picks].float() - oracle).abs().max()) / scale,
+              f"joint pass's candidates vs separate forwards ({len(picks)} candidates)":
+              float((joint_cand[picks].float() - oracle).abs().max()) / scale,
+              "joint pass's ground truth vs the plain pass": float((joint_gt.float() - plain.float()).abs().max()) / scale}
     for name, err in errors.items():
-        say(f"TPA {name} ({model.dtype}) vs separate forwards ({len(picks)} candidates): max abs error "
-            f"{err:.2e} of the logits' scale {scale:.2f} (tolerance {tol:.0e})")
+        say(f"TPA {name} ({model.dtype}): max abs error {err:.2e} of the logits' scale {scale:.2f} "
+            f"(tolerance {tol:.0e})")
     bad = {k: v for k, v in errors.items() if v > tol}
     if bad:
         fail(f"TPA passes differ from separate forwards: {bad} > {tol:.0e}")
