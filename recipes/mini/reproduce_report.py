@@ -129,7 +129,8 @@ def attention_study(repro, out: Path) -> dict:
         for s, d in enumerate(dirs):
             models[f"{key}/seed{s}"] = d / "final"
     layers, source = resolve_layers(models, "teacher", irs=irs)
-    result = compute_attention_maps(models, test, list(range(min(200, len(json.loads(test.read_text()))))), layers, teacher="teacher", batch_size=100,
+    questions = list(range(min(200, len(json.loads(test.read_text())))))
+    result = compute_attention_maps(models, test, questions, layers, teacher="teacher", batch_size=100,
                                     layer_source=source)
     summary = result.summary()
     closeness = {}
