@@ -70,14 +70,14 @@ def model_shape(path: str | Path) -> ModelShape:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from aligntI.models.loading import model_parts
+    from aligntI.models.loading import part_sizes
 
     if not Path(path, "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {path}")
     cfg = AutoConfig.from_pretrained(str(path))
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(cfg)
-    parts = {name: sum(p.numel() for p in module.parameters()) for name, module in model_parts(model).items()}
+    parts = part_sizes(model)
     own = [(name, sum(p.numel() for p in m.parameters(recurse=False))) for name, m in model.named_modules()]
     largest, largest_params = max(own, key=lambda item: item[1])
     text, vision = cfg.get_text_config(), cfg.vision_config

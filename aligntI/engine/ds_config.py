@@ -10,7 +10,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from aligntI.config import Batching, EngineConfig
+from aligntI.config import Batching, EngineConfig, zero_stage
 from aligntI.engine.dist import accelerator_name
 
 
@@ -40,7 +40,7 @@ def teacher_placement(student_ds_config: dict, placement: str) -> str:
     """The recipe's ``teacher.placement`` with ``auto`` resolved: sharded beside a ZeRO-3 student, else replicated."""
     if placement != "auto":
         return placement
-    return "sharded" if student_ds_config.get("zero_optimization", {}).get("stage", 0) == 3 else "replicated"
+    return "sharded" if zero_stage(student_ds_config) == 3 else "replicated"
 
 
 def teacher_ds_config(student_ds_config: dict, placement: str, device: str | None = None) -> dict:
@@ -63,8 +63,7 @@ def teacher_ds_config(student_ds_config: dict, placement: str, device: str | Non
     if placement == "replicated":
         cfg["zero_optimization"] = {"stage": 0}
         return cfg
-    zero = cfg.get("zero_optimization", {})
-    zero = zero if zero.get("stage", 0) == 3 else {"stage": 3}
+    zero = cfg["zero_optimization"] if zero_stage(cfg) == 3 else {"stage": 3}
     zero.pop("offload_optimizer", None)
     zero.pop("offload_param", None)  # the teacher's placement is its own switch, not the student's
     if placement == "offload":
