@@ -220,6 +220,12 @@ class IVAConfig:
     mode: Literal["weighted_kl", "attention"] = "weighted_kl"
     weights: Literal["teacher_attention", "uniform"] = "teacher_attention"  # weighted_kl only
     top_ratio: float = 1.0  # teacher_attention: keep the largest ρ·N_v weights, renormalised
+    # Score only k vision rows per sample: both models project (and the student backpropagates) those rows alone.
+    # None: every vision row, the paper's objective.
+    row_budget: int | None = None
+    # With row_budget. sampled: k draws in proportion to the weights, each counted 1/k (an unbiased estimate
+    # of the all-row loss). top_k: the k largest weights, renormalised (teacher_attention only).
+    row_choice: Literal["sampled", "top_k"] = "sampled"
     student_layer: int | None = None  # attention mode; default: the teacher layer's relative depth
 
     def validate(self) -> None:
@@ -236,6 +242,18 @@ class IVAConfig:
             raise ConfigError("iva.student_layer: only used by iva.mode: attention")
         if self.student_layer is not None and self.student_layer < 0:
             raise ConfigError(f"iva.student_layer: must be >= 0, got {self.student_layer}")
+        if self.row_budget is not None:
+            if self.row_budget < 1:
+                raise ConfigError(f"iva.row_budget: must be >= 1 (or null for every vision row), got {self.row_budget}")
+            if self.mode != "weighted_kl":
+                raise ConfigError("iva.row_budget: only used by iva.mode: weighted_kl (attention mode projects no "
+                                  "vision rows)")
+            if self.top_ratio < 1:
+                raise ConfigError("iva.row_budget: set either it or iva.top_ratio, not both (both keep the heaviest "
+                                  "rows)")
+            if self.row_choice == "top_k" and self.weights == "uniform":
+                raise ConfigError("iva.row_choice: top_k needs iva.weights: teacher_attention (uniform has no "
+                                  "ranking); sampled draws uniformly")
 
     @property
     def uses_teacher_attention(self) -> bool:

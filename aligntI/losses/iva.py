@@ -80,3 +80,31 @@ def attention_kl_sum(teacher_focus: torch.Tensor, student_focus: torch.Tensor,
     t = teacher_focus[rows].detach().float()
     s = student_focus[rows].float()
     return (torch.xlogy(t, t) - t * s.clamp_min(_LOG_EPS).log()).sum()
+
+
+ROW_CHOICES = ("sampled", "top_k")
+
+
+def budget_weights(weights: torch.Tensor, k: int, choice: str = "sampled",
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """IVA weights ``[B, V]`` moved onto at most ``k`` vision rows per sample, so only those need logits.
+
+    ``sampled``: k draws per sample, with replacement, in proportion to ``weights``; a row drawn c times weighs
+    c/k. Its expectation is ``weights`` itself, so the loss is an unbiased estimate of the all-row loss.
+    ``top_k``: the k largest weights, renormalised (lower variance, but a different objective).
+    Rows of ``weights`` that sum to 0 (samples IVA does not score) stay 0.
+    """
+    if choice not in ROW_CHOICES:
+        raise ValueError(f"unknown IVA row choice {choice!r}; expected one of {', '.join(ROW_CHOICES)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    scored = weights.sum(-1) > 0
+    if choice == "top_k":
+        top = _top_k_mask(weights, torch.full_like(scored, k, dtype=torch.long))
+        return _normalise_rows(torch.where(top, weights, 0.0))
+    out = torch.zeros_like(weights)
+    if bool(scored.any()):
+        drawn = torch.multinomial(weights[scored], k, replacement=True, generator=generator)
+        counts = torch.zeros_like(weights[scored]).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=weights.dtype))
+        out[scored] = counts / k
+    return out

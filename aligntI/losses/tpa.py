@@ -9,7 +9,6 @@ The term, its candidate sources and what the paper leaves open: docs/method.md, 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 WEIGHTINGS = ("uniform", "student_prob")
@@ -70,14 +69,6 @@ def scored_rows(labels: torch.Tensor) -> torch.Tensor:
     rows = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
     rows[:, :-1] = labels[:, 1:] != -100
     return rows
-
-
-def tpa_seeds(seed: int, step: int, micro_index: int, rank: int) -> tuple[int, int]:
-    """Seeds of TPA's two random streams, (scored positions, candidates), fixed by (recipe seed, step,
-    micro-batch, rank): a resumed run draws the same. Two independent seeds, not one: on the CPU both
-    generators would otherwise replay the same numbers."""
-    positions, candidates = np.random.SeedSequence([seed, step, micro_index, rank]).spawn(2)
-    return tuple(int(s.generate_state(1, np.uint64)[0] >> 1) for s in (positions, candidates))
 
 
 def select_rows(rows: torch.Tensor, max_per_sample: int | None, generator: torch.Generator) -> torch.Tensor:

@@ -23,18 +23,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from aligntI import engine
-from aligntI.config import ConfigError, RecipeConfig
+from aligntI.config import ConfigError, IVAConfig, RecipeConfig
 from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks import attention as capture
 from aligntI.hooks.modules import relative_depth_layer
 from aligntI.hooks.transitions import CandidateBatch, JointPass, PrefixCache
 from aligntI.irs import calibrate_iva_layer
-from aligntI.losses.iva import attention_kl_sum, instruction_to_vision_focus, iva_weights
+from aligntI.losses.iva import attention_kl_sum, budget_weights, instruction_to_vision_focus, iva_weights
 from aligntI.losses.kd import top1_agreement, weighted_divergence_sum
 from aligntI.losses.sft import response_ce_sum, rows_ce_sum
 from aligntI.losses.tpa import (
@@ -43,7 +44,6 @@ from aligntI.losses.tpa import (
     draw_candidates,
     scored_rows,
     select_rows,
-    tpa_seeds,
 )
 from aligntI.models.loading import part_sizes
 from aligntI.training.accounting import micro_loss_scale
@@ -57,19 +57,37 @@ class TPADraws:
     seed: int
 
 
+@dataclass(frozen=True)
+class MicroDraws:
+    """What one micro-batch draws: TPA's positions and candidates, and IVA's vision rows under a row budget."""
+
+    tpa: TPADraws | None = None
+    iva_seed: int | None = None
+
+
 @dataclass
 class StepPlan:
     counts: dict[str, float]  # global normalisers of the step's terms, also logged
-    draws: list[TPADraws | None]  # per micro-batch
+    draws: list[MicroDraws]  # per micro-batch
+
+
+def draw_seeds(seed: int, step: int, micro_index: int, rank: int) -> tuple[int, int, int]:
+    """Seeds of the step's three random streams (TPA positions, TPA candidates, IVA rows), fixed by (recipe
+    seed, step, micro-batch, rank): a resumed run draws the same. Independent seeds, not one: on the CPU two
+    generators with one seed would replay the same numbers."""
+    streams = np.random.SeedSequence([seed, step, micro_index, rank]).spawn(3)
+    return tuple(int(s.generate_state(1, np.uint64)[0] >> 1) for s in streams)
 
 
 @dataclass
 class Passes:
     """What one micro-batch's forwards hand the losses."""
 
-    t_logits: torch.Tensor  # [rows kept, V]: the ground-truth rows of each model
+    t_logits: torch.Tensor  # [rows kept, V]: the ground-truth rows of each model, at ``keep``
     s_logits: torch.Tensor
+    keep: torch.Tensor  # [B, L]: the rows of t_logits and s_logits
     t_cap: capture.AttentionCapture | None  # the teacher's IVA-layer capture, when IVA needs it
+    iva_weights: torch.Tensor | None = None  # [B, L]: weighted_kl's weight per position (0 off its vision rows)
     t_next: torch.Tensor | None = None  # [N·d, V]: TPA's candidate rows, in candidates.flatten() order
     s_next: torch.Tensor | None = None
     weights: torch.Tensor | None = None  # [N, d]
@@ -79,6 +97,42 @@ class Passes:
 class MicroLoss:
     loss: torch.Tensor  # what backward takes: this micro-batch's share of the global-batch means
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # detached per-term sums, for the log
+
+
+@dataclass(frozen=True)
+class IVARows:
+    """One micro-batch's IVA geometry, and the weights of ``iva.mode: weighted_kl`` once the teacher has run.
+
+    ``vision [B, L]``: the positions weighted_kl reads (vision tokens of IVA samples; None in attention mode or
+    without IVA). ``vis_valid [B, V]`` lines up with ``capture.padded_positions`` of the vision mask.
+    """
+
+    cfg: IVAConfig | None  # None: no IVA
+    layer: int | None  # the teacher's IVA layer, when its attention is read
+    vision: torch.Tensor | None
+    vis_idx: torch.Tensor | None
+    vis_valid: torch.Tensor | None
+    seed: int | None  # of the row draws, under a row budget
+
+    def choose(self, t_cap, keep: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(weights per position ``[B, L]``, the rows the student projects): ``keep`` without the vision rows
+        the weights leave at 0, so that under ``row_budget`` only the chosen rows get logits."""
+        if self.vision is None:
+            return None, keep
+        focus = None
+        if self.cfg.weights == "teacher_attention":
+            focus = instruction_to_vision_focus(t_cap[self.layer], t_cap.inst_valid.to(self.vis_valid.device),
+                                                self.vis_valid)
+        weights = iva_weights(focus, self.vis_valid, self.cfg.weights, self.cfg.top_ratio)  # [B, V], rows sum 1
+        if self.cfg.row_budget is not None:
+            generator = torch.Generator(device=weights.device).manual_seed(self.seed)
+            weights = budget_weights(weights, self.cfg.row_budget, self.cfg.row_choice, generator)
+        per_position = torch.zeros(keep.shape, dtype=weights.dtype, device=weights.device)
+        rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(self.vis_idx)
+        per_position[rows[self.vis_valid], self.vis_idx[self.vis_valid]] = weights[self.vis_valid]
+        if self.cfg.row_budget is None:  # every vision row, as the teacher's pass read them
+            return per_position, keep
+        return per_position, (keep & ~self.vision) | (per_position > 0)
 
 
 def response_tokens(micro: list[dict]) -> float:
@@ -105,10 +159,10 @@ class SFTObjective:
         tokens = engine.all_reduce_sum([response_tokens(micro)], self.dist.device)[0]
         if tokens == 0:
             self.log(f"step {step}: no response tokens in the whole global batch; loss is 0 for this step")
-        return StepPlan({"response_tokens": tokens}, [None] * len(micro))
+        return StepPlan({"response_tokens": tokens}, [MicroDraws()] * len(micro))
 
     @contextlib.contextmanager
-    def loss(self, mb: dict, draws: None, counts: dict[str, float]) -> Iterator[MicroLoss]:
+    def loss(self, mb: dict, draws: MicroDraws, counts: dict[str, float]) -> Iterator[MicroLoss]:
         scale = micro_loss_scale(counts["response_tokens"], self.dist.world_size, self.accumulation)
         out = self.student(**to_device(mb, self.dist.device, self.student.module.dtype), use_cache=False)
         ce_sum, _ = response_ce_sum(out.logits, mb["labels"].to(self.dist.device))
@@ -135,6 +189,11 @@ def count_response_bigrams(processor, cfg: RecipeConfig, dist: engine.DistInfo) 
         for part in parts[1:]:
             table = table.merge(BigramTable.from_state_dict(part))
     return table
+
+
+def _rows_kept(logits: torch.Tensor, keep: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The rows of ``logits`` (read at ``keep``) that are also in ``kept``, a subset of ``keep``."""
+    return logits if kept is keep else logits[kept[keep]]
 
 
 def _term(weight: float, fn, *args, **kwargs) -> torch.Tensor:
@@ -228,6 +287,12 @@ class DistillObjective:
             raise ConfigError(f"tpa.candidates: {tpa.candidates} is too many for a shared vocabulary of "
                               f"{self.shared.token_ids} tokens")
         self.student_joint = tpa.student_joint(self.student.ds_config, part_sizes(self.student.module))
+        if self.iva_on and self.cfg.iva.row_budget is not None and tpa.source == "student" \
+                and not self.student_joint:
+            raise ConfigError("iva.row_budget: the rows are chosen from the teacher's weights before the student "
+                              "projects them, but with tpa.source: student and separate student passes the "
+                              "student's ground-truth pass runs first (it draws the candidates); set "
+                              "tpa.student_passes: joint, or iva.row_budget: null")
         teacher = "ground-truth + candidate pass" if tpa.source == "teacher" else "one joint pass"
         student = "sampling pass + joint pass" if self.student_joint else "ground-truth + candidate pass"
         self.log(f"TPA: {tpa.candidates} candidates per response position from the {tpa.source}, "
@@ -247,17 +312,18 @@ class DistillObjective:
     def plan(self, micro: list[dict], step: int) -> StepPlan:
         resp = response_tokens(micro)
         iva = sum(float(self.iva_samples(mb).sum()) for mb in micro) if self.iva_on else 0.0
+        budget = self.iva_on and self.cfg.iva.row_budget is not None
         tpa, draws = 0.0, []
         for i, mb in enumerate(micro):
-            if not self.tpa_on:
-                draws.append(None)
-                continue
-            # Positions are drawn here (CPU, seeded by step) so that their global count is the normaliser.
-            positions_seed, candidates_seed = tpa_seeds(self.cfg.seed, step, i, self.dist.rank)
-            rows = select_rows(scored_rows(mb["labels"]), self.cfg.tpa.max_positions,
-                               torch.Generator().manual_seed(positions_seed))
-            draws.append(TPADraws(rows, candidates_seed))
-            tpa += float(rows.sum())
+            positions_seed, candidates_seed, iva_seed = draw_seeds(self.cfg.seed, step, i, self.dist.rank)
+            tpa_draws = None
+            if self.tpa_on:
+                # Positions are drawn here (CPU, seeded by step) so that their global count is the normaliser.
+                rows = select_rows(scored_rows(mb["labels"]), self.cfg.tpa.max_positions,
+                                   torch.Generator().manual_seed(positions_seed))
+                tpa_draws = TPADraws(rows, candidates_seed)
+                tpa += float(rows.sum())
+            draws.append(MicroDraws(tpa_draws, iva_seed if budget else None))
         resp, iva, tpa = engine.all_reduce_sum([resp, iva, tpa], self.dist.device)
         if resp == 0:
             self.log(f"step {step}: no response tokens in the whole global batch; sft, kd and tpa are 0 this step")
@@ -274,7 +340,7 @@ class DistillObjective:
                                         masks["attention_mask"])
 
     @contextlib.contextmanager
-    def loss(self, mb: dict, draws: TPADraws | None, counts: dict[str, float]) -> Iterator[MicroLoss]:
+    def loss(self, mb: dict, draws: MicroDraws, counts: dict[str, float]) -> Iterator[MicroLoss]:
         cfg, dev, world = self.cfg, self.dist.device, self.dist.world_size
         inputs = to_device(mb, dev, self.student.module.dtype)
         masks = {k: mb[k].to(dev) for k in ("vision_mask", "instruction_mask", "attention_mask")}
@@ -288,21 +354,22 @@ class DistillObjective:
             if not iva_rows.any():
                 self._empty("iva")
             iva_rows = iva_rows.to(dev)
+        rows = self._iva_rows(masks, iva_rows, draws.iva_seed)
         keep = targets_full != -100
-        if self.iva_on and cfg.iva.mode == "weighted_kl":  # IVA's KL is read at the vision positions
-            keep |= masks["vision_mask"] & iva_rows[:, None]
-        targets = targets_full[keep]
+        if rows.vision is not None:  # IVA's KL is read at the vision positions
+            keep = keep | rows.vision
 
         student_capture = self._capture(self.student.module, self.student_layer, masks) \
             if self.student_layer is not None else contextlib.nullcontext()
         # joint: the student's no-grad sampling pass, outside the capture, which records the graded pass only
-        sampled = self._sampling_pass(draws, inputs, keep) if self.tpa_on else None
+        sampled = self._sampling_pass(draws.tpa, inputs) if self.tpa_on else None
         with student_capture as s_cap:  # the caller's backward runs inside: a checkpoint recompute must see it
             if self.tpa_on:
-                passes = self._tpa_passes(draws, inputs, keep, targets, masks, sampled)
+                passes = self._tpa_passes(draws.tpa, inputs, keep, targets_full[keep], masks, sampled, rows)
             else:
-                passes = self._plain_passes(inputs, keep, masks)
-            t_logits, s_logits, t_cap = passes.t_logits, passes.s_logits, passes.t_cap
+                passes = self._plain_passes(inputs, keep, masks, rows)
+            t_logits, s_logits = passes.t_logits, passes.s_logits
+            targets = targets_full[passes.keep]
             resp = targets != -100
             kd = cfg.kd
             sums = {
@@ -314,7 +381,7 @@ class DistillObjective:
             resp_scale = micro_loss_scale(counts["response_tokens"], world, self.accumulation)
             total = resp_scale * (cfg.loss.sft * sums["sft"] + cfg.loss.kd * sums["kd"])
             if self.iva_on:
-                sums["iva"] = self._iva_sum(t_logits, s_logits, keep, masks, iva_rows, t_cap, s_cap)
+                sums["iva"] = self._iva_sum(passes, iva_rows, rows, s_cap)
                 iva_scale = micro_loss_scale(counts["iva_samples"], world, self.accumulation)
                 total = total + iva_scale * cfg.loss.iva * sums["iva"]
             if self.tpa_on:
@@ -325,38 +392,47 @@ class DistillObjective:
             sums["top1_agree"] = top1_agreement(t_logits[resp], s_logits[resp].detach())
             yield MicroLoss(total, {k: v.detach().float() for k, v in sums.items()})
 
+    def _iva_rows(self, masks: dict, iva_rows: torch.Tensor | None, seed: int | None) -> IVARows:
+        if not self.iva_on:
+            return IVARows(None, None, None, None, None, None)
+        vis_idx, vis_valid = capture.padded_positions(masks["vision_mask"])
+        vision = masks["vision_mask"] & iva_rows[:, None] if self.cfg.iva.mode == "weighted_kl" else None
+        return IVARows(self.cfg.iva, self.iva_layer, vision, vis_idx, vis_valid & iva_rows[:, None], seed)
+
     def _teacher_capture(self, masks: dict):
         if not self.needs_teacher_attention:
             return contextlib.nullcontext()
         return self._capture(self.teacher.module, self.iva_layer, masks)
 
-    def _plain_passes(self, inputs, keep, masks) -> Passes:
+    def _plain_passes(self, inputs, keep, masks, rows: IVARows) -> Passes:
         size = self.shared.size
         with self._teacher_capture(masks) as t_cap:
             t_logits = self.teacher(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :size]
-        s_logits = self.student(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :size]
-        return Passes(t_logits, s_logits, t_cap)
+        weights, s_keep = rows.choose(t_cap, keep)
+        s_logits = self.student(**inputs, logits_to_keep=s_keep, use_cache=False).logits[:, :size]
+        return Passes(_rows_kept(t_logits, keep, s_keep), s_logits, s_keep, t_cap, weights)
 
-    def _sampling_pass(self, draws, inputs, keep) -> torch.Tensor | None:
+    def _sampling_pass(self, draws: TPADraws, inputs) -> torch.Tensor | None:
         """The student's logits at the TPA positions, without grad, when a joint student pass needs them first."""
         if not (self.student_joint and self.cfg.tpa.source == "student"):
             return None
         with torch.no_grad():
-            logits = self.student(**inputs, logits_to_keep=keep, use_cache=False).logits[:, : self.shared.size]
-        return logits[draws.rows.to(self.dist.device)[keep]]
+            rows = draws.rows.to(self.dist.device)
+            return self.student(**inputs, logits_to_keep=rows, use_cache=False).logits[:, : self.shared.size]
 
-    def _tpa_passes(self, draws, inputs, keep, targets, masks, sampled) -> Passes:
+    def _tpa_passes(self, draws: TPADraws, inputs, keep, targets, masks, sampled, rows: IVARows) -> Passes:
         """The forwards of a TPA step, the teacher's in one pass unless it draws the candidates itself.
 
         Candidates come from the source's ground-truth logits, so that model runs first: the student's
         ground-truth pass (``separate``) or its no-grad sampling pass (``joint``: ``sampled``), or the
         teacher's when it is the source (then it also runs a candidate pass). The others score ground truth
         and candidates in one :class:`JointPass`; ``separate`` gives the student a candidate pass over its
-        recorded prefix.
+        recorded prefix. A student that does not draw runs after the teacher, on the rows IVA chose.
         """
         size, at = self.shared.size, draws.rows.to(self.dist.device)[keep]
         teacher_draws = self.cfg.tpa.source == "teacher"
-        t_prefix = s_prefix = t_logits = None
+        student_draws_first = self.cfg.tpa.source == "student" and not self.student_joint
+        t_prefix = s_prefix = None
         scores = sampled
         if teacher_draws:
             t_prefix = PrefixCache(self.teacher.module)
@@ -364,13 +440,11 @@ class DistillObjective:
                 t_logits = self.teacher(**inputs, logits_to_keep=keep, use_cache=False,
                                         prefix_cache=t_prefix).logits[:, :size]
             scores = t_logits[at]
-        s_logits = None
-        if not self.student_joint:
+        if student_draws_first:  # the student's rows cannot wait for the teacher's weights (checked at start-up)
             s_prefix = PrefixCache(self.student.module)
             s_logits = self.student(**inputs, logits_to_keep=keep, use_cache=False,
                                     prefix_cache=s_prefix).logits[:, :size]
-            if scores is None and self.cfg.tpa.source == "student":
-                scores = s_logits[at].detach()
+            scores = s_logits[at].detach()
         candidates = self.candidates(draws, inputs, targets[at], scores)
         layout = CandidateBatch(draws.rows, candidates, inputs["attention_mask"], inputs["position_ids"])
         if teacher_draws:
@@ -379,33 +453,32 @@ class DistillObjective:
             joint = JointPass(self.teacher.module, layout, inputs, keep)
             with self._teacher_capture(masks) as t_cap:
                 t_logits, t_next = joint.split(self.teacher(**joint.inputs).logits[:, :size])
+        weights, s_keep = rows.choose(t_cap, keep)
         if self.student_joint:
-            joint = JointPass(self.student.module, layout, inputs, keep)
+            joint = JointPass(self.student.module, layout, inputs, s_keep)
             s_logits, s_next = joint.split(self.student(**joint.inputs).logits[:, :size])
         else:
+            if not student_draws_first:
+                s_prefix = PrefixCache(self.student.module)
+                s_logits = self.student(**inputs, logits_to_keep=s_keep, use_cache=False,
+                                        prefix_cache=s_prefix).logits[:, :size]
             s_next = layout.in_candidate_order(self.student(**layout.model_inputs(s_prefix)).logits[:, :size])
-        weights = candidate_weights(s_logits[at].detach(), candidates, self.cfg.tpa.weighting)
-        return Passes(t_logits, s_logits, t_cap, t_next, s_next, weights)
+        s_at = draws.rows.to(self.dist.device)[s_keep]
+        cand_weights = candidate_weights(s_logits[s_at].detach(), candidates, self.cfg.tpa.weighting)
+        return Passes(_rows_kept(t_logits, keep, s_keep), s_logits, s_keep, t_cap, weights, t_next, s_next,
+                      cand_weights)
 
-    def _iva_sum(self, t_logits, s_logits, keep, masks, iva_rows, t_cap, s_cap) -> torch.Tensor:
+    def _iva_sum(self, passes: Passes, iva_rows, rows: IVARows, s_cap) -> torch.Tensor:
         """Σ over this micro-batch's IVA samples of the per-sample IVA loss."""
-        cfg = self.cfg.iva
-        vis_idx, vis_valid = capture.padded_positions(masks["vision_mask"])
-        vis_valid = vis_valid & iva_rows[:, None]
-        if cfg.mode == "attention":
+        if self.cfg.iva.mode == "attention":
+            t_cap = passes.t_cap
+            vis_valid = rows.vis_valid
             inst_valid = t_cap.inst_valid.to(vis_valid.device)
             t_focus = instruction_to_vision_focus(t_cap[self.iva_layer], inst_valid, vis_valid)
             s_focus = instruction_to_vision_focus(s_cap[self.student_layer], inst_valid, vis_valid)
             return attention_kl_sum(t_focus, s_focus, iva_rows)
-        focus = None
-        if cfg.weights == "teacher_attention":
-            focus = instruction_to_vision_focus(t_cap[self.iva_layer], t_cap.inst_valid.to(vis_valid.device),
-                                                vis_valid)
-        weights = iva_weights(focus, vis_valid, cfg.weights, cfg.top_ratio)  # [B, V], rows sum to 1
-        per_position = torch.zeros(keep.shape, dtype=weights.dtype, device=weights.device)
-        rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(vis_idx)
-        per_position[rows[vis_valid], vis_idx[vis_valid]] = weights[vis_valid]
-        return weighted_divergence_sum(t_logits, s_logits, per_position[keep], kind="forward_kl",
+        return weighted_divergence_sum(passes.t_logits, passes.s_logits, passes.iva_weights[passes.keep],
+                                       kind="forward_kl",
                                        chunk_size=self.cfg.kd.chunk_size)
 
     def candidates(self, draws: TPADraws, inputs: dict, gt_next: torch.Tensor,

@@ -51,6 +51,10 @@ CHOICES = {
     "align_ti_separate": ("align_ti", {"tpa": {"student_passes": "separate"}}),
     "align_ti_replicated": ("align_ti", {"teacher": {"placement": "replicated"}}),
 }
+# Counted for FLOPs only: IVA scoring ROW_BUDGET vision rows per sample (of the paper shape's 729). top_k keeps
+# exactly that many rows; the drawn estimate keeps at most as many (a row drawn twice is projected once).
+ROW_BUDGET = 64
+ROW_BUDGET_CHOICES = {"iva_rows": ("iva", {"iva": {"row_budget": ROW_BUDGET, "row_choice": "top_k"}})}
 # ZeRO-3 releasing every parameter between uses, as it must for billion-parameter models (a tiny model would
 # otherwise stay gathered and hide the traffic), and DeepSpeed's comms logger counting what is communicated.
 RELEASE_BETWEEN_USES = {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0,
@@ -115,7 +119,7 @@ def write_paper_shape_data(root: Path, samples: int = 64, words: int = 500) -> t
 def recipe_for(variant: str, root: Path, shape: str, ds_config: str, steps: int, world: int = 1):
     from aligntI.config import RecipeConfig, from_dict
 
-    variant, choice = CHOICES.get(variant, (variant, {}))
+    variant, choice = {**CHOICES, **ROW_BUDGET_CHOICES}.get(variant, (variant, {}))
     paper = shape == "paper"
     data = root / "data"
     raw = {
@@ -210,10 +214,11 @@ class PaperStyleTPA:
         targets = labels[:, 1:][keep[:, :-1]]
         with torch.no_grad():  # the extra pass: only to sample the candidates
             s_plain = obj.student(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :size]
-        at = draws.rows.to(keep.device)[keep]
-        candidates = obj.candidates(draws, inputs, targets[at], s_plain[at])
+        tpa = draws.tpa
+        at = tpa.rows.to(keep.device)[keep]
+        candidates = obj.candidates(tpa, inputs, targets[at], s_plain[at])
         weights = candidate_weights(s_plain[at], candidates, cfg.tpa.weighting)
-        expanded, is_cand = ribbon_expand(inputs, draws.rows.to(keep.device), candidates, cfg.tpa.candidates)
+        expanded, is_cand = ribbon_expand(inputs, tpa.rows.to(keep.device), candidates, cfg.tpa.candidates)
         t_logits = obj.teacher(**expanded, use_cache=False).logits[:, :size]
         s_logits = obj.student(**expanded, use_cache=False).logits[:, :size]
         gt = ~is_cand

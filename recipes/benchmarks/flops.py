@@ -55,7 +55,19 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_cost import REPO, VARIANTS, D, PaperStyleTPA, load_train_script, prepare, recipe_for  # noqa: E402
+from distill_cost import (  # noqa: E402
+    REPO,
+    ROW_BUDGET,
+    ROW_BUDGET_CHOICES,
+    VARIANTS,
+    D,
+    PaperStyleTPA,
+    load_train_script,
+    prepare,
+    recipe_for,
+)
+
+COUNTED = (*VARIANTS, *ROW_BUDGET_CHOICES)  # iva_rows: IVA with its logits at ROW_BUDGET vision rows per sample
 
 aten = torch.ops.aten
 SHAPES = ("cpu_example", "paper", "paper_widths")
@@ -120,14 +132,15 @@ class Pass:
 def keep_kind(kept: int, mb: dict, extra: int) -> str:
     """Name the logit rows a pass keeps from their count: ``kept`` minus its ``extra`` candidate rows."""
     response = int(scored(mb).sum())
-    vision = int((mb["vision_mask"] & mb["instruction_mask"].any(-1, keepdim=True)).sum())
+    vision = (mb["vision_mask"] & mb["instruction_mask"].any(-1, keepdim=True)).sum(-1)
     rows = kept - extra
-    for name, count in (("all", mb["input_ids"].numel()), ("response", response),
-                        ("response+vision", response + vision)):
+    counts = (("all", mb["input_ids"].numel()), ("response", response),
+              ("response+vision", response + int(vision.sum())),
+              ("response+budget", response + int(vision.clamp(max=ROW_BUDGET).sum())))
+    for name, count in counts:
         if rows == count:
             return name
-    raise RuntimeError(f"a pass keeps {rows} logit rows: neither all ({mb['input_ids'].numel()}), the response "
-                       f"rows ({response}) nor response + vision rows ({response + vision}); teach flops.py")
+    raise RuntimeError(f"a pass keeps {rows} logit rows, none of {dict(counts)}; teach flops.py")
 
 
 def scored(mb: dict) -> torch.Tensor:
@@ -175,7 +188,7 @@ class StepTrace:
                 mask = kwargs.get("attention_mask")
                 kind = "joint" if kwargs.get("joint") is not None else \
                     "ribbon" if mask is not None and mask.dim() == 4 else "gt"
-                extra = D * int(self.draws[len(self.micro) - 1].rows.sum()) if kind != "gt" else 0
+                extra = D * int(self.draws[len(self.micro) - 1].tpa.rows.sum()) if kind != "gt" else 0
                 rows = keep_kind(kept, mb, extra)
             grad = torch.is_grad_enabled()
             if name == "teacher":
@@ -227,10 +240,10 @@ def count_real_step(variant: str, root: Path, shape: str, ds_config: str) -> dic
     if "teacher" in {p.model for p in trace.passes[0]}:
         models["teacher"] = meta_model_from_dir(root / "teacher", trainable)
     layers = capture_layers(trace.inner)
-    replayed = [replay(passes, models, mb, draws.rows if draws is not None else None, layers)
+    replayed = [replay(passes, models, mb, draws.tpa.rows if draws.tpa is not None else None, layers)
                 for passes, mb, draws in zip(trace.passes, trace.micro, trace.draws)]
     tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
-    positions = sum(int(d.rows.sum()) for d in trace.draws if d is not None)
+    positions = sum(int(d.tpa.rows.sum()) for d in trace.draws if d.tpa is not None)
     return {
         "variant": variant, "teacher": counted["teacher"], "student": counted["student"],
         "trace": [[vars(p) for p in passes] for passes in trace.passes],
@@ -350,7 +363,9 @@ def replay(passes: list[Pass] | list[dict], models: dict, mb: dict, rows: torch.
     capture.install()
     passes = [p if isinstance(p, Pass) else Pass(**{**p, "flops": 0}) for p in passes]
     keep = {"all": torch.ones_like(mb["attention_mask"], dtype=torch.bool), "response": scored(mb)}
-    keep["response+vision"] = keep["response"] | (mb["vision_mask"] & mb["instruction_mask"].any(-1, keepdim=True))
+    vision = mb["vision_mask"] & mb["instruction_mask"].any(-1, keepdim=True)
+    keep["response+vision"] = keep["response"] | vision
+    keep["response+budget"] = keep["response"] | (vision & (vision.cumsum(-1) <= ROW_BUDGET))  # the first k: a count
     layout = None
     if rows is not None:
         candidates = torch.zeros((int(rows.sum()), D), dtype=torch.long)
@@ -453,7 +468,7 @@ def count_paper_widths(paper: dict) -> dict:
     micro = global_batch // MICRO
     models, mb = paper_width_models(), paper_width_batch()
     out = {}
-    for variant in VARIANTS:
+    for variant in COUNTED:
         print(f"[flops] paper_widths: {variant} (the paper shape's passes on meta models)", flush=True)
         passes = paper[variant]["trace"][0]
         tpa = any(p["kind"] != "gt" for p in passes)
@@ -475,14 +490,14 @@ def report(shape: str, results: dict) -> list[str]:
     base = kd["teacher"] + kd["student"]
     unit, scale = ("TF", 1e12) if base > 1e13 else ("GF", 1e9)
     lines += [f"{'variant':<12}{'teacher ' + unit:>14}{'student ' + unit:>14}{'total ' + unit:>14}{'x KD':>7}"]
-    for v in VARIANTS:
+    for v in COUNTED:
         r = results[v]
         total = r["teacher"] + r["student"]
         lines.append(f"{v:<12}{r['teacher'] / scale:>14.2f}{r['student'] / scale:>14.2f}{total / scale:>14.2f}"
                      f"{total / base:>7.2f}")
     if "replay" in kd:
         lines.append(f"check: the passes replayed on meta models vs the real step (teacher / student, {unit})")
-        for v in VARIANTS:
+        for v in COUNTED:
             r, m = results[v], results[v]["replay"]
             diff = max(abs(m[k] - r[k]) / max(r[k], 1) for k in ("teacher", "student"))
             passes = " ".join(f"{p['model'][0]}:{p['kind']}{'+grad' if p['grad'] else ''}" for p in r["trace"][0])
@@ -520,7 +535,7 @@ def main() -> None:
     for shape in real:
         prepare(shape, out)
         results = {}
-        for variant in VARIANTS:
+        for variant in COUNTED:
             result = out / shape / f"flops_{variant}.json"
             env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                    "MASTER_PORT": str(29500 + random.randrange(1000))}

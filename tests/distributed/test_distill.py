@@ -75,12 +75,14 @@ def test_distill_zero3_two_ranks(tmp_path, tiny_model, tiny_student, digitgrid, 
     assert ckpt_bytes < teacher_bytes  # the student is a fraction of the teacher: no teacher inside
 
 
-@pytest.mark.parametrize(("placement", "student_passes"), [("sharded", "auto"), ("replicated", "joint"),
-                                                          ("offload", "separate")])
+@pytest.mark.parametrize(("placement", "student_passes", "iva"), [
+    ("sharded", "auto", {"top_ratio": 0.5}), ("replicated", "joint", {"row_budget": 3}),
+    ("offload", "separate", {"top_ratio": 0.5})])
 def test_distill_resume_is_exact(tmp_path, tiny_model, tiny_student, digitgrid, zero3_partitioned, placement,
-                                 student_passes):
-    """Every teacher placement, and both ways the student scores TPA candidates, train and resume exactly."""
-    common = dict(iva={"layer": 1, "top_ratio": 0.5}, kd={"divergence": "jsd", "temperature": 2.0},
+                                 student_passes, iva):
+    """Every teacher placement, both ways the student scores TPA candidates, and IVA's drawn rows (a row budget)
+    train and resume exactly."""
+    common = dict(iva={"layer": 1, **iva}, kd={"divergence": "jsd", "temperature": 2.0},
                   tpa={"candidates": 3, "weighting": "student_prob", "max_positions": 2,
                        "student_passes": student_passes},
                   teacher={"placement": placement},

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aligntI.losses.iva import attention_kl_sum, instruction_to_vision_focus, iva_weights
+from aligntI.losses.iva import attention_kl_sum, budget_weights, instruction_to_vision_focus, iva_weights
 from aligntI.losses.kd import weighted_divergence_sum
 
 
@@ -215,3 +215,25 @@ def test_attention_kl_sum_without_rows_is_connected_zero():
     assert out.dim() == 0 and out.dtype == torch.float32 and out.item() == 0.0
     out.backward()
     assert s_focus.grad is not None and (s_focus.grad == 0).all()
+
+
+def test_drawn_rows_weigh_what_the_weights_say_in_expectation():
+    weights = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    draws = 20000
+    drawn = budget_weights(weights.repeat(draws, 1), 3, "sampled", torch.Generator().manual_seed(0))
+    assert ((drawn > 0).sum(-1) <= 3).all()
+    torch.testing.assert_close(drawn.sum(-1)[0::2], torch.ones(draws))  # each draw counts 1/k
+    assert (drawn[1::2] == 0).all() and (drawn[0::2, 4] == 0).all()  # nothing to draw, and weight 0 never drawn
+    # Counts/k is unbiased: the mean over draws is the weights, within 5 standard errors per row.
+    standard_error = (weights[0] * (1 - weights[0]) / (3 * draws)).sqrt()
+    assert ((drawn[0::2].mean(0) - weights[0]).abs() <= 5 * standard_error + 1e-9).all()
+
+
+def test_top_k_rows_are_the_top_ratio_weights_at_k_over_n():
+    focus = torch.softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(1)), -1)
+    vis_valid = torch.ones(3, 10, dtype=torch.bool)
+    full = iva_weights(focus, vis_valid)
+    torch.testing.assert_close(budget_weights(full, 3, "top_k"), iva_weights(focus, vis_valid, top_ratio=0.3))
+    assert (budget_weights(torch.zeros(1, 4), 2, "top_k") == 0).all()
+    with pytest.raises(ValueError, match="row choice"):
+        budget_weights(full, 3, "first")
