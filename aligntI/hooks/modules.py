@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 
 
@@ -23,3 +26,21 @@ def text_attention_layers(model) -> dict[int, int]:
 def relative_depth_layer(teacher_layer: int, teacher_layers: int, student_layers: int) -> int:
     """The student layer at the same relative depth (layer centres) as ``teacher_layer``."""
     return min(student_layers - 1, int((teacher_layer + 0.5) / teacher_layers * student_layers))
+
+
+@contextlib.contextmanager
+def project_rows(model, select: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Inside the block the model's LM head projects only the rows ``select()`` keeps (a bool over the rows
+    ``logits_to_keep`` hands it), through a forward pre-hook on the head.
+
+    ``select`` runs when the head does, after every decoder layer: a choice that depends on what a layer recorded
+    in the same forward (IVA's vision rows, from the attention capture) needs no second pass.
+    """
+    def keep_selected(module, args):
+        return (args[0][select()], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(keep_selected)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -151,8 +151,8 @@ class JointPass:
         self._layer_of = text_attention_layers(model)
         self.layout = layout
         batch, self.length = inputs["input_ids"].shape
-        behind = layout.valid.reshape(batch, -1)
-        kept = torch.cat([keep, behind], dim=1)
+        self.behind = behind = layout.valid.reshape(batch, -1)
+        self.kept = kept = torch.cat([keep, behind], dim=1)
         self.is_candidate = torch.cat([torch.zeros_like(keep), behind], dim=1)[kept]  # over the kept rows
         self.inputs = {
             **inputs,
@@ -165,10 +165,16 @@ class JointPass:
     def layer_of(self, module) -> int | None:
         return self._layer_of.get(id(module))
 
-    def split(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def kept_rows(self, keep: torch.Tensor) -> torch.Tensor:
+        """Bool over the pass's kept rows: those of the ground-truth rows ``keep [B, L]`` (a subset of the pass's),
+        and every candidate."""
+        return torch.cat([keep, self.behind], dim=1)[self.kept]
+
+    def split(self, logits: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept rows' logits as (ground-truth rows in row-major order, candidates in ``candidates.flatten()``
-        order)."""
-        return logits[~self.is_candidate], self.layout.in_candidate_order(logits[self.is_candidate])
+        order). ``keep``: the ground-truth rows the logits hold, when fewer than the pass kept."""
+        is_candidate = self.is_candidate if keep is None else self.is_candidate[self.kept_rows(keep)]
+        return logits[~is_candidate], self.layout.in_candidate_order(logits[is_candidate])
 
     def attend(self, ground_truth, kernel, module, query, key, value, attention_mask, **kwargs):
         """``ground_truth``: the wrapped backend's path for the first L rows; ``kernel``: one that takes the

@@ -32,7 +32,7 @@ from aligntI.config import ConfigError, IVAConfig, RecipeConfig
 from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks import attention as capture
-from aligntI.hooks.modules import relative_depth_layer
+from aligntI.hooks.modules import project_rows, relative_depth_layer
 from aligntI.hooks.transitions import CandidateBatch, JointPass, PrefixCache
 from aligntI.irs import calibrate_iva_layer
 from aligntI.losses.iva import attention_kl_sum, budget_weights, instruction_to_vision_focus, iva_weights
@@ -114,6 +114,11 @@ class IVARows:
     vis_valid: torch.Tensor | None
     seed: int | None  # of the row draws, under a row budget
 
+    @property
+    def budget(self) -> bool:
+        """Whether only some vision rows are scored (``iva.row_budget``)."""
+        return self.vision is not None and self.cfg.row_budget is not None
+
     def choose(self, t_cap, keep: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(weights per position ``[B, L]``, the rows the student projects): ``keep`` without the vision rows
         the weights leave at 0, so that under ``row_budget`` only the chosen rows get logits."""
@@ -130,7 +135,7 @@ class IVARows:
         per_position = torch.zeros(keep.shape, dtype=weights.dtype, device=weights.device)
         rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(self.vis_idx)
         per_position[rows[self.vis_valid], self.vis_idx[self.vis_valid]] = weights[self.vis_valid]
-        if self.cfg.row_budget is None:  # every vision row, as the teacher's pass read them
+        if not self.budget:  # every vision row, as the teacher's pass read them
             return per_position, keep
         return per_position, (keep & ~self.vision) | (per_position > 0)
 
@@ -207,7 +212,8 @@ class DistillObjective:
 
     Per micro-batch the teacher runs first (under ``no_grad``), capturing its IVA layer's instruction→vision
     attention when the IVA weights need it; then the student. Both models project to the vocabulary only the
-    rows a loss reads (``logits_to_keep``: response positions, plus vision positions for IVA's weighted KL).
+    rows a loss reads (``logits_to_keep``: response positions, plus vision positions for IVA's weighted KL;
+    under ``iva.row_budget`` the student only the vision rows chosen from the teacher's weights, ``IVARows``).
     With TPA both ground-truth passes also record their keys/values, d candidates per scored response row
     are drawn, and one short candidate pass per model scores them against that record.
 
@@ -404,13 +410,33 @@ class DistillObjective:
             return contextlib.nullcontext()
         return self._capture(self.teacher.module, self.iva_layer, masks)
 
+    def _teacher_pass(self, call: Callable[[], torch.Tensor], masks: dict, keep: torch.Tensor, rows: IVARows,
+                      joint: JointPass | None = None):
+        """The teacher's forward ``call()`` with its IVA capture, and IVA's choice of rows from it.
+
+        Returns (logits, capture, IVA weights per position, the ground-truth rows the student projects). Under a
+        row budget the choice is made as the teacher's LM head runs, after its IVA layer, so the teacher too
+        projects only the chosen rows: the logits are at the returned rows (plus ``joint``'s candidates).
+        """
+        chosen = []
+
+        def select() -> torch.Tensor:
+            chosen.append(rows.choose(t_cap, keep))
+            s_keep = chosen[-1][1]
+            return s_keep[keep] if joint is None else joint.kept_rows(s_keep)
+
+        with self._teacher_capture(masks) as t_cap, \
+                project_rows(self.teacher.module, select) if rows.budget else contextlib.nullcontext():
+            logits = call()
+        weights, s_keep = chosen[-1] if chosen else rows.choose(t_cap, keep)
+        return logits, t_cap, weights, s_keep
+
     def _plain_passes(self, inputs, keep, masks, rows: IVARows) -> Passes:
         size = self.shared.size
-        with self._teacher_capture(masks) as t_cap:
-            t_logits = self.teacher(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :size]
-        weights, s_keep = rows.choose(t_cap, keep)
+        t_logits, t_cap, weights, s_keep = self._teacher_pass(
+            lambda: self.teacher(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :size], masks, keep, rows)
         s_logits = self.student(**inputs, logits_to_keep=s_keep, use_cache=False).logits[:, :size]
-        return Passes(_rows_kept(t_logits, keep, s_keep), s_logits, s_keep, t_cap, weights)
+        return Passes(t_logits, s_logits, s_keep, t_cap, weights)
 
     def _sampling_pass(self, draws: TPADraws, inputs) -> torch.Tensor | None:
         """The student's logits at the TPA positions, without grad, when a joint student pass needs them first."""
@@ -449,11 +475,13 @@ class DistillObjective:
         layout = CandidateBatch(draws.rows, candidates, inputs["attention_mask"], inputs["position_ids"])
         if teacher_draws:
             t_next = layout.in_candidate_order(self.teacher(**layout.model_inputs(t_prefix)).logits[:, :size])
+            weights, s_keep = rows.choose(t_cap, keep)
+            t_logits = _rows_kept(t_logits, keep, s_keep)
         else:
             joint = JointPass(self.teacher.module, layout, inputs, keep)
-            with self._teacher_capture(masks) as t_cap:
-                t_logits, t_next = joint.split(self.teacher(**joint.inputs).logits[:, :size])
-        weights, s_keep = rows.choose(t_cap, keep)
+            logits, t_cap, weights, s_keep = self._teacher_pass(
+                lambda: self.teacher(**joint.inputs).logits[:, :size], masks, keep, rows, joint)
+            t_logits, t_next = joint.split(logits, s_keep)
         if self.student_joint:
             joint = JointPass(self.student.module, layout, inputs, s_keep)
             s_logits, s_next = joint.split(self.student(**joint.inputs).logits[:, :size])
@@ -465,8 +493,7 @@ class DistillObjective:
             s_next = layout.in_candidate_order(self.student(**layout.model_inputs(s_prefix)).logits[:, :size])
         s_at = draws.rows.to(self.dist.device)[s_keep]
         cand_weights = candidate_weights(s_logits[s_at].detach(), candidates, self.cfg.tpa.weighting)
-        return Passes(_rows_kept(t_logits, keep, s_keep), s_logits, s_keep, t_cap, weights, t_next, s_next,
-                      cand_weights)
+        return Passes(t_logits, s_logits, s_keep, t_cap, weights, t_next, s_next, cand_weights)
 
     def _iva_sum(self, passes: Passes, iva_rows, rows: IVARows, s_cap) -> torch.Tensor:
         """Σ over this micro-batch's IVA samples of the per-sample IVA loss."""

@@ -2,7 +2,8 @@
 
     python recipes/benchmarks/flops.py [--shapes cpu_example paper paper_widths] [--out runs/bench]
 
-The variants are distill_cost.py's (sft, vanilla_kd, vkd_uniform, iva, tpa, align_ti, tpa_paper), each counted
+The variants are distill_cost.py's (sft, vanilla_kd, vkd_uniform, iva, tpa, align_ti, tpa_paper) and ``iva_rows``
+(IVA scoring ``ROW_BUDGET`` vision rows per sample, ``iva.row_budget``), each counted
 with ``torch.utils.flop_counter.FlopCounterMode`` at three shapes:
 
 * ``cpu_example`` and ``paper`` (distill_cost.py's models and data): one real step of recipes/train.py's own
@@ -495,6 +496,10 @@ def report(shape: str, results: dict) -> list[str]:
         total = r["teacher"] + r["student"]
         lines.append(f"{v:<12}{r['teacher'] / scale:>14.2f}{r['student'] / scale:>14.2f}{total / scale:>14.2f}"
                      f"{total / base:>7.2f}")
+    iva, rows = (results[v]["teacher"] + results[v]["student"] for v in ("iva", "iva_rows"))
+    lines.append(f"IVA at {ROW_BUDGET} vision rows per sample (iva_rows) saves {(iva - rows) / scale:.2f} {unit} per step: "
+                 f"{100 * (iva - rows) / iva:.1f}% of the IVA step, {100 * (iva - rows) / max(iva - base, 1):.0f}% of "
+                 "what IVA adds to vanilla KD")
     if "replay" in kd:
         lines.append(f"check: the passes replayed on meta models vs the real step (teacher / student, {unit})")
         for v in COUNTED:

@@ -197,9 +197,10 @@ def test_iva_row_budget_projects_only_its_rows_and_gives_their_loss_and_gradient
     objective, draws = run.objective, plan.draws[0]
     assert draws.iva_seed is not None
     params = [p for p in run.student.module.parameters() if p.requires_grad]
-    projected = []
-    hook = run.student.module.get_output_embeddings().register_forward_hook(
-        lambda module, args, out: projected.append(args[0].shape[0]))
+    projected = {"teacher": [], "student": []}  # the rows each LM head projects, per call
+    hooks = [engine.module.get_output_embeddings().register_forward_hook(
+        lambda module, args, out, name=name: projected[name].append(args[0].shape[0]))
+        for name, engine in (("teacher", objective.teacher), ("student", run.student))]
 
     def gradients(loss):
         run.student.backward(loss)
@@ -209,7 +210,8 @@ def test_iva_row_budget_projects_only_its_rows_and_gives_their_loss_and_gradient
 
     with objective.loss(mb, draws, plan.counts) as out:
         grads = gradients(out.loss)
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     # The oracle: both models' logits at every vision row, then the same draw's weights.
     size = objective.shared.size
     inputs = model_inputs(mb)
@@ -223,8 +225,9 @@ def test_iva_row_budget_projects_only_its_rows_and_gives_their_loss_and_gradient
     vis_rows = budget_oracle(teacher_weights(objective, mb, t_cap), vision, k, choice, draws.iva_seed)
     weights = vis_rows[keep]
     assert ((vis_rows > 0).sum(-1) <= k).all() and (vis_rows > 0).sum() < vision.sum()
-    # The student projected its response rows and the chosen rows, nothing else.
-    assert projected == [int((targets_full != -100).sum() + (vis_rows > 0).sum())]
+    # Each model projected the response rows and the chosen vision rows, nothing else.
+    rows = int((targets_full != -100).sum() + (vis_rows > 0).sum())
+    assert projected == {"teacher": [rows], "student": [rows]}
     resp = (targets_full[keep] != -100).float()
     sums = {"sft": rows_ce_sum(s_logits, targets_full[keep]), "kd": weighted_divergence_sum(t_logits, s_logits, resp),
             "iva": iva_oracle(t_logits, s_logits, weights)}
