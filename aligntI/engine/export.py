@@ -37,10 +37,15 @@ def export_hf(student: StudentEngine, out_dir: Path, processor, rank: int) -> No
     torch.distributed.barrier()
 
 
+def _some(names: list[str]) -> str:
+    """How many names, and the first three."""
+    return f"{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
 def export_checkpoint(run: Path, tag: str | None = None, out: Path | None = None) -> tuple[str, Path]:
     """Write checkpoint ``tag`` of run directory ``run`` (default: its newest complete one) as an HF model
     directory (default ``run/export_<tag>``), from the run's own ``config.yaml``; returns the tag and the directory."""
-    from aligntI.models.loading import load_model, load_processor  # transformers: only when exporting
+    from aligntI.models.loading import ModelDirError, load_model, load_processor  # transformers: only here
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
@@ -53,8 +58,10 @@ def export_checkpoint(run: Path, tag: str | None = None, out: Path | None = None
     state = consolidate_checkpoint(run / "checkpoints", tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if model.config.get_text_config().tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise SystemExit(f"aligntI export: checkpoint and model disagree: missing {missing}, unexpected {unexpected}")
+    missing = sorted(set(missing) - tied)
+    if unexpected or missing:
+        raise ModelDirError(f"--run {run}: checkpoint {tag} does not fit its model {resolved['model']['path']}: "
+                            f"weights missing {_some(missing)}, unexpected {_some(sorted(unexpected))}")
     out = Path(out) if out else run / f"export_{tag}"
     model.save_pretrained(out)
     load_processor(resolved["model"]["path"]).save_pretrained(out)

@@ -37,7 +37,7 @@ from aligntI.hooks.transitions import CandidateBatch, JointPass, PrefixCache
 from aligntI.irs import calibrate_iva_layer
 from aligntI.losses.iva import attention_kl_sum, budget_weights, instruction_to_vision_focus, iva_weights
 from aligntI.losses.kd import top1_agreement, weighted_divergence_sum
-from aligntI.losses.sft import response_ce_sum, rows_ce_sum
+from aligntI.losses.sft import rows_ce_sum
 from aligntI.losses.tpa import (
     BigramTable,
     candidate_weights,
@@ -169,8 +169,11 @@ class SFTObjective:
     @contextlib.contextmanager
     def loss(self, mb: dict, draws: MicroDraws, counts: dict[str, float]) -> Iterator[MicroLoss]:
         scale = micro_loss_scale(counts["response_tokens"], self.dist.world_size, self.accumulation)
-        out = self.student(**to_device(mb, self.dist.device, self.student.module.dtype), use_cache=False)
-        ce_sum, _ = response_ce_sum(out.logits, mb["labels"].to(self.dist.device))
+        targets = F.pad(mb["labels"].to(self.dist.device)[:, 1:], (0, 1), value=-100)  # logits at t predict t+1
+        keep = targets != -100  # only the response rows are projected to the vocabulary
+        logits = self.student(**to_device(mb, self.dist.device, self.student.module.dtype), logits_to_keep=keep,
+                              use_cache=False).logits
+        ce_sum = rows_ce_sum(logits, targets[keep])
         yield MicroLoss(ce_sum * scale, {"sft": ce_sum.detach()})
 
     def summarise(self, totals: dict[str, float], counts: dict[str, float]) -> dict[str, float]:

@@ -125,7 +125,7 @@ class Pass:
     model: str  # teacher | student
     kind: str  # gt | candidates | joint | ribbon
     grad: bool  # builds a graph (the student's graded passes)
-    keep: str  # logit rows: all | response | response+vision (candidates are kept on top of these)
+    keep: str  # logit rows: all | response | response+vision | response+budget (candidates on top of these)
     capture: bool  # an IVA attention capture is open on one layer
     flops: int = 0  # forward FLOPs, measured (real step) or counted (replay)
 
@@ -155,6 +155,7 @@ class StepTrace:
 
     def __init__(self, run, flop_counter: FlopCounterMode):
         self.counter, self.passes, self.micro, self.draws = flop_counter, [], [], []
+        self.extra = 0  # the candidate rows of the pass being traced
         objective = run.objective
         self.inner = getattr(objective, "inner", objective)  # PaperStyleTPA wraps the recipe's objective
         plan, loss = objective.plan, objective.loss
@@ -176,7 +177,8 @@ class StepTrace:
         self.handles = []
         for name, module in models.items():
             self.handles += [module.register_forward_pre_hook(self._before(name), with_kwargs=True),
-                             module.register_forward_hook(self._after)]
+                             module.register_forward_hook(self._after),
+                             module.get_output_embeddings().register_forward_hook(self._head)]
 
     def _before(self, name):
         def hook(module, args, kwargs):
@@ -191,6 +193,7 @@ class StepTrace:
                     "ribbon" if mask is not None and mask.dim() == 4 else "gt"
                 extra = D * int(self.draws[len(self.micro) - 1].tpa.rows.sum()) if kind != "gt" else 0
                 rows = keep_kind(kept, mb, extra)
+                self.extra = extra
             grad = torch.is_grad_enabled()
             if name == "teacher":
                 capture = self.inner.needs_teacher_attention and kind != "candidates"
@@ -201,6 +204,13 @@ class StepTrace:
 
     def _after(self, module, args, output):
         self.passes[-1][-1].flops += self.counter.get_total_flops()
+
+    def _head(self, module, args, output):
+        """The rows the LM head did project: fewer than ``logits_to_keep`` when the objective chose them during
+        the forward (``iva.row_budget``)."""
+        last = self.passes[-1][-1]
+        if last.kind != "candidates":
+            last.keep = keep_kind(args[0].shape[0], self.micro[-1], self.extra)
 
     def remove(self):
         for h in self.handles:

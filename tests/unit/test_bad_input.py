@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, launch, write_recipe
 from PIL import Image
 from recipe_scripts import train_script
@@ -417,3 +418,20 @@ def test_two_ranks_an_error_one_rank_meets_ends_the_job_with_its_message(run_rec
     [line] = data_error_lines(proc)
     assert " [rank " in line and f"{data}: record 2 (line 3), sample 'r2': cannot decode image" in line
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_a_checkpoint_that_does_not_fit_its_model_is_one_line(tmp_path, tiny_model, monkeypatch, capsys):
+    """Exporting a checkpoint whose weights are not the run's model's (its model directory was replaced)."""
+    import yaml
+
+    from aligntI.engine import export
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000001" / "COMPLETE").write_text("")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_model)}}))
+    # What DeepSpeed's consolidation would give for another model: a weight this one does not have.
+    monkeypatch.setattr(export, "consolidate_checkpoint", lambda checkpoints, tag: {"extra.weight": torch.zeros(1)})
+    assert main(["export", "--run", str(run), "--tag", "step_00000001"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the weights' loading bar
+    assert err.startswith("aligntI: model error: --run ") and "unexpected 1 (extra.weight)" in err, err

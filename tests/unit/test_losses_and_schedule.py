@@ -6,28 +6,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aligntI.losses.sft import response_ce_sum
+from aligntI.losses.sft import rows_ce_sum
 from aligntI.training.accounting import micro_loss_scale
 from aligntI.training.schedule import cosine_with_warmup, warmup_steps_for
 
 
-def test_response_ce_sum_matches_shifted_reference():
+def test_rows_ce_sum_on_response_rows_matches_shifted_reference():
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 11)
     labels = torch.full((3, 7), -100)
     labels[0, 3:5] = torch.tensor([1, 2])
     labels[2, 6] = 9
-    total, count = response_ce_sum(logits, labels)
-    # Reference: logits at t predict token t+1; HF's own shift-and-mean, times the count.
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # the objectives' alignment: logits at t predict t+1
+    keep = targets != -100
+    total = rows_ce_sum(logits[keep], targets[keep], chunk_size=2)
+    # Reference: HF's own shift-and-mean, times the count.
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
-    assert count == 3
+    assert int(keep.sum()) == 3
     torch.testing.assert_close(total, ref * 3)
 
 
-def test_response_ce_sum_with_no_labels_is_zero_but_connected():
-    logits = torch.randn(2, 4, 5, requires_grad=True)
-    total, count = response_ce_sum(logits, torch.full((2, 4), -100))
-    assert count == 0 and total.item() == 0.0
+def test_rows_ce_sum_with_no_labels_is_zero_but_connected():
+    logits = torch.randn(2, 5, requires_grad=True)
+    total = rows_ce_sum(logits, torch.full((2,), -100))
+    assert total.item() == 0.0
     total.backward()  # every rank must be able to run backward
     assert logits.grad is not None and (logits.grad == 0).all()
 

@@ -265,3 +265,25 @@ def test_row_budget_refuses_a_student_that_projects_before_the_teacher(tiny_mode
                                iva={"layer": 1, "row_budget": 4}, tpa={"student_passes": "separate"})
     with pytest.raises(ConfigError, match="iva.row_budget: the rows are chosen from the teacher's weights"):
         train_script.build(load_recipe(recipe_path), [])
+
+
+def test_sft_projects_only_the_response_rows_and_gives_the_full_forward_loss(tiny_student, digitgrid, tmp_path):
+    plain = tmp_path / "zero0.json"
+    plain.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    run = train_script.build(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_student, digitgrid, tmp_path / "run",
+                                                      str(plain))), [])
+    mb = batch_for(tiny_student, write_mixed(tmp_path, digitgrid), "left")
+    plan = run.objective.plan([mb], step=1)
+    projected = []
+    hook = run.student.module.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: projected.append(args[0].shape[0]))
+    with torch.no_grad(), run.objective.loss(mb, plan.draws[0], plan.counts) as out:
+        pass
+    hook.remove()
+    responses = int((mb["labels"][:, 1:] != -100).sum())
+    assert projected == [responses] and responses < mb["labels"].numel() // 2
+    with torch.no_grad():  # the oracle: every position's logits, HF's shift
+        logits = run.student(**model_inputs(mb), use_cache=False).logits
+    oracle = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), mb["labels"][:, 1:].flatten(),
+                                               reduction="sum")
+    torch.testing.assert_close(out.sums["sft"], oracle, atol=1e-5, rtol=1e-5)
