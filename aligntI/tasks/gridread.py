@@ -24,7 +24,7 @@ Rows and columns are numbered from 1. Every record holds its ``category``, the `
 (row-major indices) and how its answer splits into ``items`` (``item_sep``: ``space``, each word but ``,`` an
 item; ``comma``, each ``,``-separated group), so a long answer is scored per item as well as all-or-nothing
 (:mod:`aligntI.eval.items`). Options (grid size, question mix, phrasings, answer form, upscaling) are
-:class:`GridReadOptions`, recorded in ``gridread.json``; the same options and seed give byte-identical files.
+:class:`GridReadOptions` (also ``address``: ``row 2 column 3`` or one word, ``r2c3``), recorded in ``gridread.json``; the same options and seed give byte-identical files.
 The source-digit pools per split are DigitGrid's: disjoint, so test accuracy measures unseen handwriting.
 """
 
@@ -51,6 +51,10 @@ PHRASINGS = {
     "grid": ("read grid", "list every digit", "what is in the grid ?"),
     "row_sums": ("sum each row", "add each row", "what are the row sums ?"),
 }
+# ``address: word``: a cell question names its cell with one word, ``r2c3`` (row 2, column 3), as DigitGrid's
+# ``top-left`` does, instead of the two numbers of ``row 2 column 3``.
+CELL_WORD_PHRASINGS = ("what {rc} ?", "digit at {rc} ?", "read cell {rc}")
+ADDRESSES = ("pair", "word")
 # How an answer splits into the items per-item accuracy counts (aligntI.eval.items.answer_items).
 ITEM_SEP = {"cell": "space", "row": "space", "column": "space", "row_sum": "comma", "where": "comma",
             "grid": "space", "row_sums": "comma"}
@@ -70,6 +74,7 @@ class GridReadOptions:
     mix: dict[str, float] = field(default_factory=lambda: {
         "cell": 3.0, "row": 1.5, "column": 1.5, "row_sum": 1.0, "where": 1.0, "grid": 1.5, "row_sums": 1.5})
     phrasings: int = 1  # wordings per category, 1..3
+    address: str = "pair"  # how a cell question names its cell: "pair", row 2 column 3; "word", r2c3
     row_separator: bool = True  # "," between rows in grid answers
     train_size: int = 30000
     val_size: int = 500
@@ -86,6 +91,8 @@ class GridReadOptions:
             raise ValueError(f"mix: unknown categories {sorted(unknown)}; known: {', '.join(CATEGORIES)}")
         if any(w < 0 for w in self.mix.values()) or sum(self.mix.values()) <= 0:
             raise ValueError(f"mix: weights must be >= 0 with a positive sum, got {self.mix}")
+        if self.address not in ADDRESSES:
+            raise ValueError(f"address must be one of {', '.join(ADDRESSES)}, got {self.address!r}")
         if not 1 <= self.phrasings <= 3:
             raise ValueError(f"phrasings must be 1..3, got {self.phrasings}")
         if min(self.train_size, self.val_size, self.test_size) < 0:
@@ -121,6 +128,8 @@ def parse_options(pairs: list[str]) -> GridReadOptions:
             if value.lower() not in ("true", "false"):
                 raise ValueError(f"task option row_separator: expected true or false, got {value!r}")
             kwargs[key] = value.lower() == "true"
+        elif key == "address":
+            kwargs[key] = value
         else:
             try:
                 kwargs[key] = int(value)
@@ -134,7 +143,10 @@ def parse_options(pairs: list[str]) -> GridReadOptions:
 def vocabulary(options: GridReadOptions) -> list[str]:
     """Every word that can appear in a question or answer at ``options``."""
     words = [str(d) for d in range(10)] + [",", "none"]
-    for forms in PHRASINGS.values():
+    for category, forms in PHRASINGS.items():
+        if category == "cell" and options.address == "word":
+            forms = CELL_WORD_PHRASINGS
+            words += [f"r{r}c{c}" for r in range(1, options.grid + 1) for c in range(1, options.grid + 1)]
         for form in forms[: options.phrasings]:
             words += [w for w in form.split() if not w.startswith("{")]
     return list(dict.fromkeys(words))
@@ -162,7 +174,11 @@ def make_question(labels: list[int], category: str, options: GridReadOptions,
     form = PHRASINGS[category][int(rng.integers(options.phrasings))]
     if category == "cell":
         r, c = int(rng.integers(n)), int(rng.integers(n))
-        return form.format(r=r + 1, c=c + 1), str(rows[r][c]), [r * n + c]
+        if options.address == "word":
+            question = CELL_WORD_PHRASINGS[PHRASINGS[category].index(form)].format(rc=f"r{r + 1}c{c + 1}")
+        else:
+            question = form.format(r=r + 1, c=c + 1)
+        return question, str(rows[r][c]), [r * n + c]
     if category in ("row", "row_sum"):
         r = int(rng.integers(n))
         answer = " ".join(map(str, rows[r])) if category == "row" else _number(sum(rows[r]))

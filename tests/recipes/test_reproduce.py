@@ -95,10 +95,14 @@ def test_reproduce_runs_every_row_over_seeds_and_reports(tmp_path):
 
 def test_the_task_options_reach_the_data_models_and_recipes(tmp_path):
     task = make_task("gridread", ["grid=3", "mix=cell:1,grid:2"], quick=False)
-    assert task.categories == ("cell", "grid") and task.options.image_size == 48
+    # The reproduction's GridRead setting (upscale 1: one vision token per cell) under the given options
+    assert task.categories == ("cell", "grid") and task.options.image_size == 24
     assert task.max_new_tokens == 3 * 9 + 2  # the longest answer (every pair of a where) fits
     spec = task.spec("student", tmp_path)
-    assert "image_size: 48" in spec.read_text()
+    assert "image_size: 24" in spec.read_text()
+    assert make_task("gridread", ["upscale=2"], quick=False).options.image_size == 64
+    assert make_task("gridread", [], quick=False).options.mix == {"cell": 3, "row": 1, "column": 1, "grid": 2,
+                                                                  "row_sums": 1}
     assert f"data.train.0.path={tmp_path / 'train.json'}" in task.overrides(tmp_path)
     assert make_task("gridread", [], quick=True).options.train_size == 8000
     assert make_task("digitgrid", [], quick=False).overrides(tmp_path) == []
@@ -128,7 +132,8 @@ def test_reproduce_on_gridread_reports_the_mechanisms(tmp_path):
                                                   "align_ti_vs_kd"}
     assert all(len(mech["rows"][m.key]["transition_kl"]) == 2 for m in METHODS)
     rel = mech["capture"]["relevant"]
-    assert rel["cells:1"]["token_share"] == pytest.approx(4 / 64)
+    assert rel["cells:1"]["token_share"] == pytest.approx(1 / 16)  # upscale 1: a cell is one of 16 vision tokens
+    assert "iva_k" in mech["rows"]  # the drawn-rows IVA row
     md = (out / "results.md").read_text()
     assert "## Predictions and what held" in md and "transition KL" in md
     with Image.open(out / "mechanisms.png") as im:

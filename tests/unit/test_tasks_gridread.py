@@ -7,7 +7,14 @@ import pytest
 from PIL import Image
 
 from aligntI.tasks import digitgrid as dg
-from aligntI.tasks.gridread import GridReadOptions, cell_token_mask, parse_options, write_gridread
+from aligntI.tasks.gridread import (
+    GridReadOptions,
+    cell_token_mask,
+    make_question,
+    parse_options,
+    vocabulary,
+    write_gridread,
+)
 
 OPTIONS = GridReadOptions(grid=3, upscale=1, phrasings=3, train_size=40, val_size=20, test_size=20, seed=7)
 
@@ -89,10 +96,22 @@ def test_mix_leaves_out_categories_and_the_row_separator_is_an_answer_form(tmp_p
     assert all(len(r["conversations"][1]["value"].split()) == 4 for r in recs)  # 4 digits, no ","
 
 
+def test_word_address_names_the_cell_with_one_word_and_draws_the_same_data():
+    labels = list(range(9))
+    pair, word = parse_options(["grid=3", "phrasings=3"]), parse_options(["grid=3", "phrasings=3", "address=word"])
+    for seed in range(20):
+        (q0, a0, c0), (q1, a1, c1) = (make_question(labels, "cell", o, np.random.default_rng(seed)) for o in (pair, word))
+        assert (a0, c0) == (a1, c1)  # the same cell drawn; only its name differs
+        r, c = divmod(c1[0], 3)
+        assert f"r{r + 1}c{c + 1}" in q1.split() and "row" not in q1.split()
+        assert set(q1.split()) <= set(vocabulary(word))
+    assert "r3c3" in vocabulary(word) and "r3c3" not in vocabulary(pair)
+
+
 @pytest.mark.parametrize("bad, message", [
     (["grid=12"], "grid must be 2..9"), (["mix=cell:1,color:2"], "unknown categories"),
     (["phrasings=4"], "phrasings must be 1..3"), (["size=3"], "expected key=value"),
-    (["grid=x"], "expected an integer"), (["mix=cell"], "cat:weight"), (["mix=cell:0"], "positive sum"),
+    (["address=letters"], "address must be"), (["grid=x"], "expected an integer"), (["mix=cell"], "cat:weight"), (["mix=cell:0"], "positive sum"),
 ])
 def test_bad_options_say_what_is_wrong(bad, message):
     with pytest.raises(ValueError, match=message):
