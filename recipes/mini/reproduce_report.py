@@ -48,7 +48,8 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
     diffs = [x - y for x, y in zip(a, b, strict=True)]
     mean, std = mean_std(diffs)
     p = float(stats.ttest_rel(a, b).pvalue) if len(diffs) > 1 and std > 0 else float("nan")
-    return {"mean": mean, "std": std, "n": len(diffs), "p_value": p, "per_seed": diffs}
+    se = std / len(diffs) ** 0.5  # the standard error of the mean difference (what the t-test divides by)
+    return {"mean": mean, "std": std, "se": se, "n": len(diffs), "p_value": p, "per_seed": diffs}
 
 
 def final_losses(run_dir: Path, tail: float = 0.1) -> dict[str, float]:
@@ -199,7 +200,8 @@ def _seeds(sweep: dict) -> str:
 
 
 def _diff(d: dict) -> str:
-    return f"{d['mean']:+.1f} ± {d['std']:.1f} (paired over {d['n']} seeds, p = {d['p_value']:.2f})"
+    return (f"{d['mean']:+.1f} ± {d['se']:.1f} SE (sd {d['std']:.1f}, paired over {d['n']} seeds, "
+            f"p = {d['p_value']:.2f})")
 
 
 def format_markdown(summary: dict, attention: dict, minutes: float) -> str:
@@ -420,14 +422,14 @@ def format_mechanisms(summary: dict, mech: dict) -> str:
     lines = ["## Predictions and what held", "",
              "Made from GridRead's design before the table was run (the direction each difference should take); "
              "a difference is resolved when its paired p < 0.05.", "",
-             "| prediction | measure | rows | a | b | a − b (paired) | held |", "|---|---|---|---|---|---|---|"]
+             "| prediction | measure | rows | a | b | a − b (paired, ± SE) | held |", "|---|---|---|---|---|---|---|"]
     for c in mech["checks"]:
         d = c["difference"]
         resolved = d["p_value"] < 0.05
         verdict = ("yes" if c["held"] else "**no**") + (" (resolved)" if resolved else " (not resolved)")
         lines.append(f"| {c['prediction']} | `{c['measure']}` | {summary_label(labels, c['a'])} vs "
                      f"{summary_label(labels, c['b'])} | {_pm(c['a_value'], 3)} | {_pm(c['b_value'], 3)} | "
-                     f"{d['mean']:+.3f} ± {d['std']:.3f} (p = {d['p_value']:.2f}) | {verdict} |")
+                     f"{d['mean']:+.3f} ± {d['se']:.3f} (p = {d['p_value']:.2f}) | {verdict} |")
     lines += ["", f"## Mechanisms (first {mech['samples']} test questions)", "",
               "Teacher IRS per layer on held-out questions: "
               + ", ".join(f"L{i} {v:.3f}" for i, v in enumerate(cap["irs"]))

@@ -40,6 +40,7 @@ def test_report_statistics_by_hand():
     assert d["per_seed"] == [2.0, 1.0, 5.0] and d["mean"] == pytest.approx(8 / 3)
     # paired t = mean / (sd / sqrt(3)); sd of (2, 1, 5) = sqrt(13/3); t = 2.2188, two-sided p with 2 dof = 0.1566
     assert d["p_value"] == pytest.approx(0.1566, abs=1e-3)
+    assert d["se"] == pytest.approx((13 / 3) ** 0.5 / 3**0.5)
 
 
 def test_heatmap_questions_are_the_first_of_each_type(tmp_path):
