@@ -220,6 +220,9 @@ class IVAConfig:
     mode: Literal["weighted_kl", "attention"] = "weighted_kl"
     weights: Literal["teacher_attention", "uniform"] = "teacher_attention"  # weighted_kl only
     top_ratio: float = 1.0  # teacher_attention: keep the largest ρ·N_v weights, renormalised
+    # The query rows of the focus α (IRS and IVA alike): the question's tokens, the position that predicts the
+    # answer's first token, or both.
+    queries: Literal["instruction", "answer_start", "both"] = "instruction"
     # Score only k vision rows per sample: both models project (and the student backpropagates) those rows alone.
     # None: every vision row, the paper's objective.
     row_budget: int | None = None
@@ -242,6 +245,8 @@ class IVAConfig:
             raise ConfigError("iva.student_layer: only used by iva.mode: attention")
         if self.student_layer is not None and self.student_layer < 0:
             raise ConfigError(f"iva.student_layer: must be >= 0, got {self.student_layer}")
+        if self.queries != "instruction" and not self.uses_teacher_attention:
+            raise ConfigError("iva.queries: only used with the teacher's attention (iva.weights: uniform reads none)")
         if self.row_budget is not None:
             if self.row_budget < 1:
                 raise ConfigError(f"iva.row_budget: must be >= 1 (or null for every vision row), got {self.row_budget}")

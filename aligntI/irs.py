@@ -22,23 +22,24 @@ from aligntI.config import ConfigError, DataConfig, DataSource, IRSConfig, Recip
 from aligntI.data.dataset import model_inputs
 from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks.attention import AttentionCapture, decoder_layers
-from aligntI.losses.iva import instruction_to_vision_focus
+from aligntI.losses.iva import focus_queries, instruction_to_vision_focus
 
 
-def collect_focus(forward, model, loader, device, dtype, show_progress: bool = True):
+def collect_focus(forward, model, loader, device, dtype, show_progress: bool = True, queries: str = "instruction"):
     """Run ``forward`` over ``loader`` capturing every decoder layer of ``model``.
 
-    Returns (``[layers, N, V]`` focus of the N samples that have an image and instruction tokens, their image
-    names, the number of samples left out for lacking either).
+    Returns (``[layers, N, V]`` focus of the N samples that have an image and query rows (``iva.queries``),
+    their image names, the number of samples left out for lacking either).
     """
     n_layers = len(decoder_layers(model))
     focus, images, left_out = [], [], 0
     for batch in tqdm(loader, desc="IRS", disable=not show_progress, dynamic_ncols=True):
-        rows = batch["vision_mask"].any(-1) & batch["instruction_mask"].any(-1)
+        query_rows = focus_queries(batch["instruction_mask"], batch["labels"], queries)
+        rows = batch["vision_mask"].any(-1) & query_rows.any(-1)
         left_out += int((~rows).sum())
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        masks = [batch[k].to(device) for k in ("instruction_mask", "vision_mask", "attention_mask")]
+        masks = [m.to(device) for m in (query_rows, batch["vision_mask"], batch["attention_mask"])]
         # Every rank runs every batch, even one with nothing to score: under ZeRO-3 the forward is collective.
         with AttentionCapture(model, list(range(n_layers)), *masks) as cap, torch.no_grad():
             forward(**inputs, logits_to_keep=1, use_cache=False)
@@ -111,9 +112,11 @@ def write_report(out_dir: Path, report: dict) -> None:
     plt.close(fig)
 
 
-def compute_irs(forward, model, loader, device, dtype, pairing: str, is_main: bool, name: str) -> dict:
+def compute_irs(forward, model, loader, device, dtype, pairing: str, is_main: bool, name: str,
+                queries: str = "instruction") -> dict:
     """Focus on this rank's share, gathered from all ranks (if distributed), then the scores and the layer."""
-    focus, images, left_out = collect_focus(forward, model, loader, device, dtype, show_progress=is_main)
+    focus, images, left_out = collect_focus(forward, model, loader, device, dtype, show_progress=is_main,
+                                            queries=queries)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         parts = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(parts, (focus, images, left_out))
@@ -142,7 +145,7 @@ def calibrate_iva_layer(teacher, processor, cfg, dist) -> dict:
                                      sample=cfg.irs.samples, seed=cfg.seed, rank=dist.rank,
                                      world_size=dist.world_size)
     report = compute_irs(teacher, teacher.module, loader, dist.device, teacher.module.dtype, cfg.irs.pairing,
-                         dist.is_main, cfg.teacher.path)
+                         dist.is_main, cfg.teacher.path, cfg.iva.queries)
     if dist.is_main:
         write_report(Path(cfg.run_dir), report)
     return report

@@ -20,6 +20,25 @@ def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
     return x / torch.where(total > 0, total, torch.ones_like(total))
 
 
+QUERY_ROWS = ("instruction", "answer_start", "both")
+
+
+def focus_queries(instruction_mask: torch.Tensor, labels: torch.Tensor, rows: str = "instruction") -> torch.Tensor:
+    """``[B, L]`` bool: the query positions whose attention to the image makes the focus α.
+
+    ``instruction``: the user's question tokens. ``answer_start``: each response's prompt-end position, the one
+    whose logits predict the response's first token (label t+1 set, label t not). ``both``: the union.
+    """
+    if rows not in QUERY_ROWS:
+        raise ValueError(f"unknown focus query rows {rows!r}; expected one of {', '.join(QUERY_ROWS)}")
+    if rows == "instruction":
+        return instruction_mask.bool()
+    answered = labels != -100
+    answer_start = torch.zeros_like(answered)
+    answer_start[:, :-1] = answered[:, 1:] & ~answered[:, :-1]
+    return answer_start if rows == "answer_start" else answer_start | instruction_mask.bool()
+
+
 def instruction_to_vision_focus(probs: torch.Tensor, inst_valid: torch.Tensor,
                                  vis_valid: torch.Tensor) -> torch.Tensor:
     """The paper's α ``[B, V]``: attention from instruction queries to vision keys of one layer.

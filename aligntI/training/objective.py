@@ -35,7 +35,13 @@ from aligntI.hooks import attention as capture
 from aligntI.hooks.modules import project_rows, relative_depth_layer
 from aligntI.hooks.transitions import CandidateBatch, JointPass, PrefixCache
 from aligntI.irs import calibrate_iva_layer
-from aligntI.losses.iva import attention_kl_sum, budget_weights, instruction_to_vision_focus, iva_weights
+from aligntI.losses.iva import (
+    attention_kl_sum,
+    budget_weights,
+    focus_queries,
+    instruction_to_vision_focus,
+    iva_weights,
+)
 from aligntI.losses.kd import top1_agreement, weighted_divergence_sum
 from aligntI.losses.sft import rows_ce_sum
 from aligntI.losses.tpa import (
@@ -315,8 +321,12 @@ class DistillObjective:
         is used."""
         rows = mb["vision_mask"].any(-1)
         if self.cfg.iva.uses_teacher_attention:
-            rows &= mb["instruction_mask"].any(-1)
+            rows &= self._queries(mb).any(-1)
         return rows
+
+    def _queries(self, mb: dict) -> torch.Tensor:
+        """``[B, L]``: the query rows of the focus α (``iva.queries``)."""
+        return focus_queries(mb["instruction_mask"], mb["labels"], self.cfg.iva.queries)
 
     def plan(self, micro: list[dict], step: int) -> StepPlan:
         resp = response_tokens(micro)
@@ -345,14 +355,14 @@ class DistillObjective:
         return StepPlan(counts, draws)
 
     def _capture(self, model, layer: int, masks: dict):
-        return capture.AttentionCapture(model, [layer], masks["instruction_mask"], masks["vision_mask"],
-                                        masks["attention_mask"])
+        return capture.AttentionCapture(model, [layer], masks["queries"], masks["vision_mask"], masks["attention_mask"])
 
     @contextlib.contextmanager
     def loss(self, mb: dict, draws: MicroDraws, counts: dict[str, float]) -> Iterator[MicroLoss]:
         cfg, dev, world = self.cfg, self.dist.device, self.dist.world_size
         inputs = to_device(mb, dev, self.student.module.dtype)
-        masks = {k: mb[k].to(dev) for k in ("vision_mask", "instruction_mask", "attention_mask")}
+        masks = {k: mb[k].to(dev) for k in ("vision_mask", "attention_mask")}
+        masks["queries"] = self._queries(mb).to(dev)
         targets_full = F.pad(mb["labels"].to(dev)[:, 1:], (0, 1), value=-100)  # logits at t predict label t+1
         # "Nothing to score" is decided on the CPU batch: no device-to-host sync in the step.
         if not (mb["labels"][:, 1:] != -100).any():

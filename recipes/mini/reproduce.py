@@ -76,6 +76,15 @@ METHODS = (
 # tokens, four times a one-cell question's share: does the drawn estimate match scoring every row?
 IVA_DRAWN = Method("iva_k", "+IVA, k rows drawn (k = 4 of 16)", "recipes/mini/iva_only.yaml", None,
                    overrides=("iva.row_budget=4", "iva.row_choice=sampled"))
+# GridRead's answer-start rows: IVA's focus read from the position that predicts the answer's first token instead of
+# the question's tokens (iva.queries, IRS included). On this task the teacher looks at the asked cell from there, not
+# from the question (recipes/mini/gridread_focus_by_query.py): do weights that follow the cell beat uniform ones?
+ANSWER_START = ("iva.queries=answer_start",)
+IVA_ANSWER_START = Method("iva_as", "+IVA, answer-start focus", "recipes/mini/iva_only.yaml", None,
+                          overrides=ANSWER_START)
+ALIGN_TI_ANSWER_START = Method("align_ti_as", "Align-TI, answer-start focus", "recipes/mini/align_ti.yaml", None,
+                               overrides=ANSWER_START)
+GRIDREAD_EXTRA = (IVA_DRAWN, IVA_ANSWER_START, ALIGN_TI_ANSWER_START)
 # The GridRead setting the reproduction trains on, chosen on the validation split (recipes/mini/results_gridread.md):
 # one vision token per cell (upscale 1: 32 px, 16 tokens) and a mix whose row, column and grid read-outs teach
 # the teacher to address the grid (no where or row_sum questions). With the generator's own defaults (upscale 2,
@@ -266,7 +275,7 @@ class Reproduction:
     task: Task
     ranks_per_job: int = 1
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)
-    methods: tuple[Method, ...] = METHODS  # GridRead: METHODS + (IVA_DRAWN,), set by reproduce()
+    methods: tuple[Method, ...] = METHODS  # GridRead: METHODS + GRIDREAD_EXTRA, set by reproduce()
     runs: dict[str, list[Path]] = field(default_factory=dict)  # method key -> run dirs of the reported seeds
     temperature: float | None = None  # vanilla KD's chosen temperature
     sweep: dict[float, list[float]] = field(default_factory=dict)  # temperature -> validation accuracies
@@ -398,7 +407,7 @@ def reproduce(*, quick: bool = False, task: str = "digitgrid", task_options: lis
     name = "reproduce" + ("_gridread" if task == "gridread" else "") + ("_quick" if quick else "")
     repro = Reproduction(out=Path(out).resolve() if out else REPO / "runs" / "mini" / name, preset=preset,
                          task=the_task, ranks_per_job=ranks_per_job,
-                         methods=METHODS + ((IVA_DRAWN,) if task == "gridread" else ()))
+                         methods=METHODS + (GRIDREAD_EXTRA if task == "gridread" else ()))
     repro.train_all()
     start = time.monotonic()  # training time comes from the jobs' records (they may span several invocations)
     scores = repro.evaluate_all()

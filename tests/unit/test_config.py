@@ -233,6 +233,8 @@ def test_distillation_sections_need_a_teacher(tmp_path, patch, fragment):
     ({"iva": {"row_budget": 8, "top_ratio": 0.5}}, "iva.row_budget: set either it or iva.top_ratio"),
     ({"iva": {"row_budget": 8, "row_choice": "top_k", "weights": "uniform"}}, "iva.row_choice: top_k needs"),
     ({"iva": {"row_choice": "first"}}, "iva.row_choice: 'first' is not one of"),
+    ({"iva": {"queries": "response"}}, "iva.queries: 'response' is not one of"),
+    ({"iva": {"queries": "both", "weights": "uniform"}}, "iva.queries: only used with the teacher's attention"),
     ({"irs": {"pairing": "same_question"}}, "irs.pairing: 'same_question' is not one of"),
     ({"irs": {"images": "imgs/"}}, "irs.images: only used with irs.data"),
     ({"loss": {"sft": 0, "kd": 0, "iva": 0, "tpa": 0}}, "loss: every weight is 0"),

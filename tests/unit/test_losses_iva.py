@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aligntI.losses.iva import attention_kl_sum, budget_weights, instruction_to_vision_focus, iva_weights
+from aligntI.losses.iva import (
+    attention_kl_sum,
+    budget_weights,
+    focus_queries,
+    instruction_to_vision_focus,
+    iva_weights,
+)
 from aligntI.losses.kd import weighted_divergence_sum
 
 
@@ -237,3 +243,15 @@ def test_top_k_rows_are_the_top_ratio_weights_at_k_over_n():
     assert (budget_weights(torch.zeros(1, 4), 2, "top_k") == 0).all()
     with pytest.raises(ValueError, match="row choice"):
         budget_weights(full, 3, "first")
+
+
+def test_focus_queries_are_the_question_the_answer_start_or_both():
+    #                 img img  q    q   tag  a    a   eos  tag  a   pad
+    instruction = torch.tensor([[0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    labels = torch.tensor([[-100, -100, -100, -100, -100, 7, 8, 2, -100, 9, -100]])
+    answer_start = torch.tensor([[0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0]], dtype=torch.bool)  # predicts 7, and 9
+    assert torch.equal(focus_queries(instruction, labels), instruction)
+    assert torch.equal(focus_queries(instruction, labels, "answer_start"), answer_start)
+    assert torch.equal(focus_queries(instruction, labels, "both"), instruction | answer_start)
+    with pytest.raises(ValueError, match="query rows"):
+        focus_queries(instruction, labels, "response")

@@ -287,3 +287,39 @@ def test_sft_projects_only_the_response_rows_and_gives_the_full_forward_loss(tin
     oracle = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), mb["labels"][:, 1:].flatten(),
                                                reduction="sum")
     torch.testing.assert_close(out.sums["sft"], oracle, atol=1e-5, rtol=1e-5)
+
+
+def test_iva_focus_from_the_answer_start_rows_against_eager_attention(tiny_model, tiny_student, digitgrid, tmp_path):
+    """``iva.queries: answer_start``: the IVA weights the objective builds are the teacher's attention from the
+    position that predicts the answer's first token, as eager attention gives it (not the question's rows)."""
+    from aligntI.config import AttentionConfig
+    from aligntI.models.loading import load_model
+
+    run, mb, plan = budget_step(tiny_model, tiny_student, digitgrid, tmp_path, queries="answer_start")
+    objective = run.objective
+    vision = mb["vision_mask"]
+    keep = (torch.nn.functional.pad(mb["labels"][:, 1:], (0, 1), value=-100) != -100) | vision
+    masks = {"vision_mask": vision, "attention_mask": mb["attention_mask"], "queries": objective._queries(mb)}
+    iva_rows = objective.iva_samples(mb)
+    with torch.no_grad(), objective._capture(objective.teacher.module, objective.iva_layer, masks) as cap:
+        objective.teacher(**model_inputs(mb), logits_to_keep=keep, use_cache=False)
+    weights, _ = objective._iva_rows(masks, iva_rows, None).choose(cap, keep)
+
+    eager = load_model(tiny_model, AttentionConfig("eager", "eager"), torch.float32).eval()
+    with torch.no_grad():
+        attentions = eager(**model_inputs(mb), output_attentions=True, use_cache=False).attentions[objective.iva_layer]
+
+    def oracle(rows_of):
+        out = torch.zeros(vision.shape)
+        for b in iva_rows.nonzero().squeeze(-1).tolist():  # samples with an image (the others weigh 0)
+            probs = attentions[b].mean(0)[rows_of(b)][:, vision[b]].mean(0)
+            out[b][vision[b]] = probs / probs.sum()
+        return out
+
+    labels = mb["labels"]
+    starts = oracle(lambda b: [i for i in range(labels.shape[1] - 1) if labels[b, i + 1] != -100 and labels[b, i] == -100])
+    question = oracle(lambda b: mb["instruction_mask"][b].nonzero().squeeze(-1).tolist())
+    assert iva_rows.sum() >= 3
+    torch.testing.assert_close(weights, starts, atol=1e-5, rtol=1e-4)
+    # The untrained model attends almost uniformly, but the two query sets still differ far beyond the match.
+    assert (starts - question).abs().max() > 1e-4 > 100 * (weights - starts).abs().max()
