@@ -24,7 +24,7 @@ def cmd_irs(args) -> int:
 
     irs = IRSConfig(samples=args.samples, pairing=args.pairing, data=args.data, images=args.images)
     run_irs(args.model, irs, attn=args.attn, chat_template=args.chat_template, max_length=args.max_length,
-            batch_size=args.batch_size, seed=args.seed, out=args.out)
+            batch_size=args.batch_size, seed=args.seed, out=args.out, queries=args.queries)
     return 0
 
 
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     from aligntI.eval.benchmarks import BENCHMARKS
     from aligntI.eval.recipe import EvalRecipe
     from aligntI.irs import run_irs
+    from aligntI.losses.iva import QUERY_ROWS
     from aligntI.models.assemble import assemble
     from aligntI.plan import GPU_MEMORY_GIB
     from aligntI.tasks.digitgrid import write_digitgrid
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=default_of(run_irs, "seed"),
                    help="seed of the sample (default: %(default)s, as in a recipe)")
     p.add_argument("--pairing", choices=["any", "same_image"], default=IRSConfig.pairing)
+    p.add_argument("--queries", choices=QUERY_ROWS, default=default_of(run_irs, "queries"),
+                   help="the focus's query rows, as a recipe's iva.queries (default: %(default)s)")
     p.add_argument("--chat-template", default=None, help="template name or .jinja (default: the processor's)")
     p.add_argument("--attn", default=default_of(run_irs, "attn"), help="text attention backend")
     p.add_argument("--batch-size", type=int, default=default_of(run_irs, "batch_size"))

@@ -128,7 +128,7 @@ def compute_irs(forward, model, loader, device, dtype, pairing: str, is_main: bo
     return {
         "model": name, "irs": scores.tolist(), "chosen_layer": choose_layer(scores),
         "samples": len(images), "left_out_no_image_or_instruction": left_out,
-        "pairs": int(pairs.sum()) // 2, "pairing": pairing,
+        "pairs": int(pairs.sum()) // 2, "pairing": pairing, "queries": queries,
     }
 
 
@@ -153,7 +153,7 @@ def calibrate_iva_layer(teacher, processor, cfg, dist) -> dict:
 
 def run_irs(model_dir: str, irs: IRSConfig, *, attn: str = "sdpa", chat_template: str | None = None,
             max_length: int = 4096, batch_size: int = 16, seed: int = RecipeConfig.seed,
-            out: str | None = None) -> dict:
+            out: str | None = None, queries: str = "instruction") -> dict:
     """``aligntI irs``: IRS of every layer of the model in ``model_dir`` on ``irs.samples`` samples of ``irs.data``,
     one process or sharded over the ranks of a launcher; the main rank writes irs.json and irs.png to ``out``
     (default ``<model>/irs``) and prints the table. Returns the report."""
@@ -171,7 +171,8 @@ def run_irs(model_dir: str, irs: IRSConfig, *, attn: str = "sdpa", chat_template
                       max_length=max_length, num_workers=1)
     loader = build_sequential_loader(processor, data, batch_size=batch_size, sample=irs.samples, seed=seed,
                                      rank=dist.rank, world_size=dist.world_size)
-    report = compute_irs(model, model, loader, dist.device, model.dtype, irs.pairing, dist.is_main, model_dir)
+    report = compute_irs(model, model, loader, dist.device, model.dtype, irs.pairing, dist.is_main, model_dir,
+                         queries)
     if dist.is_main:
         out_dir = Path(out) if out else Path(model_dir) / "irs"
         write_report(out_dir, report)

@@ -1,10 +1,10 @@
 """Align-TI's two mechanisms measured on held-out data, on plain HF models (one process, no DeepSpeed).
 
 * **IVA's capture** (:func:`teacher_focus`): the teacher's IRS per layer on the held-out questions, and at the IVA
-  layer the share of the IVA weights (the teacher's instruction→vision focus, as ``iva_weights`` builds them
-  in training) on the vision tokens of the question's relevant cells, against those cells' share of the vision
-  tokens (what uniform weights give them). On a task whose relevant region is known, a capture that works puts
-  well above the token share there.
+  layer the share of the IVA weights (the teacher's focus from the ``iva.queries`` rows to the image, as
+  ``iva_weights`` builds them in training) on the vision tokens of the question's relevant cells, against those
+  cells' share of the vision tokens (what uniform weights give them). On a task whose relevant region is known, a
+  capture that works puts well above the token share there, if the teacher looks there from those rows.
 * **TPA's target** (:func:`divergences`): the transition KL, KL(p_T ‖ p_S) of the next token after an off-path
   token drawn from the student at each response position (``d`` candidates without replacement, the ground
   truth excluded: what TPA minimises), through the same candidate pass as training (the ground-truth pass
@@ -30,7 +30,7 @@ from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks.attention import AttentionCapture, decoder_layers, install
 from aligntI.hooks.transitions import CandidateBatch, PrefixCache
 from aligntI.irs import irs_scores, pair_mask
-from aligntI.losses.iva import instruction_to_vision_focus, iva_weights
+from aligntI.losses.iva import focus_queries, instruction_to_vision_focus, iva_weights
 from aligntI.losses.tpa import draw_candidates
 from aligntI.tasks.gridread import cell_token_mask
 
@@ -44,15 +44,17 @@ def held_out_loader(processor, data: str, samples: int, batch_size: int, chat_te
 
 @torch.no_grad()
 def teacher_focus(teacher, loader, records: dict[str, dict], grid: int, iva_layer: int,
-                  correct: set[str] | None = None) -> dict:
+                  correct: set[str] | None = None, queries: str = "instruction") -> dict:
     """IRS per layer (``any`` pairs) and, at ``iva_layer``, the IVA weight on the relevant cells' tokens
     against their token share: overall, per category, per region size (``cells:``) and, with ``correct``
-    (ids the teacher answers right), on those only (``right:`` keys)."""
+    (ids the teacher answers right), on those only (``right:`` keys). ``queries``: the focus's query rows, as
+    ``iva.queries`` names them."""
     install()
     layers = len(decoder_layers(teacher))
     focus, ids = [], []
     for batch in tqdm(loader, desc="teacher focus", leave=False, dynamic_ncols=True):
-        masks = [batch[k] for k in ("instruction_mask", "vision_mask", "attention_mask")]
+        masks = [focus_queries(batch["instruction_mask"], batch["labels"], queries), batch["vision_mask"],
+                 batch["attention_mask"]]
         with AttentionCapture(teacher, list(range(layers)), *masks) as cap:
             teacher(**model_inputs(batch), logits_to_keep=1, use_cache=False)
         focus.append(torch.stack([instruction_to_vision_focus(cap[i], cap.inst_valid, cap.vis_valid)
@@ -75,7 +77,7 @@ def teacher_focus(teacher, loader, records: dict[str, dict], grid: int, iva_laye
             groups[key].append(n)
     by = {k: {"weight_share": float(share[v].mean()), "token_share": float(token_share[v].mean()), "n": len(v)}
           for k, v in sorted(groups.items())}
-    return {"irs": irs, "iva_layer": iva_layer, "vision_tokens": n_vis, "relevant": by}
+    return {"irs": irs, "iva_layer": iva_layer, "queries": queries, "vision_tokens": n_vis, "relevant": by}
 
 
 def _row_kl(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:

@@ -306,8 +306,15 @@ PREDICTIONS = (
      "leaves the student off the path for many more", "tpa", "vanilla_kd", "items:long", +1),
     ("align_ti_vs_iva", "Align-TI beats +IVA overall (TPA adds to IVA)", "align_ti", "iva", "items:all", +1),
     ("align_ti_vs_kd", "Align-TI beats vanilla KD overall", "align_ti", "vanilla_kd", "items:all", +1),
+    # Added after the capture check failed on the question's rows (the teacher looks at the asked cell from the
+    # answer start, recipes/mini/gridread_focus_by_query.py), before the answer-start rows were first run.
+    ("iva_as_one_cell", "IVA with the answer-start focus beats uniform weights on one-cell questions (its weights "
+     "follow the asked cell)", "iva_as", "visual_kd_uniform", "exact:cells:1", +1),
+    ("align_ti_as_vs_kd", "Align-TI with the answer-start focus beats vanilla KD overall", "align_ti_as",
+     "vanilla_kd", "items:all", +1),
 )
 LENGTH_KEYS = ("len:1-2", "len:3-7", "len:8-14", "len:15+")
+QUERY_NAMES = {"instruction": "the question's tokens", "answer_start": "the answer-start position"}
 
 
 def _items_of(model_dir: Path, records: dict) -> tuple[dict, set[str]]:
@@ -338,8 +345,12 @@ def mechanism_study(repro) -> dict:
     teacher = load(teacher_dir)
     loader = held_out_loader(processor, str(test), repro.preset.mechanism_samples, batch_size=50)
     teacher_items, right = _items_of(teacher_dir, records)
-    layer = json.loads((repro.runs["align_ti"][0] / "irs.json").read_text())["chosen_layer"]
-    capture = teacher_focus(teacher, loader, records, repro.task.options.grid, layer, correct=right)
+    capture = {}  # query rows -> the teacher's capture at the layer the Align-TI row of those rows calibrated
+    for queries, key in (("instruction", "align_ti"), ("answer_start", "align_ti_as")):
+        if key in repro.runs:
+            layer = json.loads((repro.runs[key][0] / "irs.json").read_text())["chosen_layer"]
+            capture[queries] = teacher_focus(teacher, loader, records, repro.task.options.grid, layer,
+                                             correct=right, queries=queries)
     rows = {}
     for key in tqdm_([m.key for m in repro.methods], "mechanisms"):  # the table's order
         dirs = repro.runs[key]
@@ -355,6 +366,8 @@ def mechanism_study(repro) -> dict:
         rows[key] = {k: [s[k] for s in per_seed] for k in per_seed[0]}
     checks = []
     for key, text, a, b, measure, sign in PREDICTIONS:
+        if a not in rows or b not in rows:
+            continue
         d = paired_difference(rows[a][measure], rows[b][measure])
         checks.append({"key": key, "prediction": text, "a": a, "b": b, "measure": measure, "sign": sign,
                        "difference": d, "held": d["mean"] * sign > 0,
@@ -379,16 +392,19 @@ def plot_mechanisms(summary: dict, mech: dict, path: Path) -> None:
 
     labels = {r["key"]: r["label"].split(" (")[0] for r in summary["rows"]}
     fig, (ax_c, ax_kl, ax_len) = plt.subplots(1, 3, figsize=(16, 4.8))
-    rel = mech["capture"]["relevant"]
-    regions = sorted((k for k in rel if k.startswith("cells:")), key=lambda k: int(k.split(":")[1]))
-    x = range(len(regions))
-    ax_c.bar([i - 0.27 for i in x], [rel[k]["token_share"] for k in regions], 0.27, label="token share (uniform)")
-    ax_c.bar(list(x), [rel[k]["weight_share"] for k in regions], 0.27, label="IVA weight share")
-    ax_c.bar([i + 0.27 for i in x], [rel.get(f"right:{k}", rel[k])["weight_share"] for k in regions], 0.27,
-             label="IVA weight share, teacher right")
-    ax_c.set_xticks(list(x), [f"{k.split(':')[1]} cells" for k in regions])
+    captures = mech["capture"]
+    first = next(iter(captures.values()))["relevant"]
+    regions = sorted((k for k in first if k.startswith("cells:")), key=lambda k: int(k.split(":")[1]))
+    width = 0.8 / (1 + len(captures))
+    ax_c.bar([i - 0.4 + width / 2 for i in range(len(regions))], [first[k]["token_share"] for k in regions], width,
+             label="token share (uniform)")
+    for j, (queries, cap) in enumerate(captures.items(), start=1):
+        ax_c.bar([i - 0.4 + (j + 0.5) * width for i in range(len(regions))],
+                 [cap["relevant"][k]["weight_share"] for k in regions], width,
+                 label=f"IVA weight, {QUERY_NAMES[queries]} (layer {cap['iva_layer']})")
+    ax_c.set_xticks(range(len(regions)), [f"{k.split(':')[1]} cells" for k in regions])
     ax_c.set_ylabel("weight on the relevant cells' tokens")
-    ax_c.set_title(f"teacher layer {mech['capture']['iva_layer']}: where IVA's weights go")
+    ax_c.set_title("the teacher's IVA weights on the relevant cells")
     ax_c.legend(fontsize=8)
     keys = [k for k in labels if k in mech["rows"]]
     for j, (measure, name) in enumerate((("gt_kl", "ground-truth path"), ("transition_kl", "after off-path token"))):
@@ -417,8 +433,6 @@ def plot_mechanisms(summary: dict, mech: dict, path: Path) -> None:
 
 def format_mechanisms(summary: dict, mech: dict) -> str:
     labels = {r["key"]: r["label"] for r in summary["rows"]}
-    cap = mech["capture"]
-    rel = cap["relevant"]
     lines = ["## Predictions and what held", "",
              "Made from GridRead's design before the table was run (the direction each difference should take); "
              "a difference is resolved when its paired p < 0.05.", "",
@@ -430,21 +444,24 @@ def format_mechanisms(summary: dict, mech: dict) -> str:
         lines.append(f"| {c['prediction']} | `{c['measure']}` | {summary_label(labels, c['a'])} vs "
                      f"{summary_label(labels, c['b'])} | {_pm(c['a_value'], 3)} | {_pm(c['b_value'], 3)} | "
                      f"{d['mean']:+.3f} ± {d['se']:.3f} (p = {d['p_value']:.2f}) | {verdict} |")
-    lines += ["", f"## Mechanisms (first {mech['samples']} test questions)", "",
-              "Teacher IRS per layer on held-out questions: "
-              + ", ".join(f"L{i} {v:.3f}" for i, v in enumerate(cap["irs"]))
-              + f"; IVA layer (chosen by the training calibration) {cap['iva_layer']}, {cap['vision_tokens']} "
-              "vision tokens.", "",
-              "| questions | n | IVA weight on the relevant cells | their token share (= uniform weights) | ratio |",
-              "|---|---|---|---|---|"]
-    order = sorted(rel, key=lambda k: (k.startswith("right:"), not k.removeprefix("right:").startswith("cells:"),
-                                       k))
-    for k in order:
-        v = rel[k]
-        name = k.replace("right:", "teacher right, ")
-        lines.append(f"| {name} | {v['n']} | {v['weight_share']:.3f} | {v['token_share']:.3f} | "
-                     f"{v['weight_share'] / v['token_share']:.2f}x |")
-    lines += ["", "| method | transition KL (off-path) | next-token KL (ground truth) | item accuracy | long answers, "
+    lines += ["", f"## Mechanisms (first {mech['samples']} test questions)", ""]
+    for queries, cap in mech["capture"].items():
+        rel = cap["relevant"]
+        lines += [f"IVA's focus from {QUERY_NAMES[queries]} (`iva.queries: {queries}`). Teacher IRS per layer on "
+                  "held-out questions: " + ", ".join(f"L{i} {v:.3f}" for i, v in enumerate(cap["irs"]))
+                  + f"; IVA layer (chosen by the training calibration) {cap['iva_layer']}, {cap['vision_tokens']} "
+                  "vision tokens.", "",
+                  "| questions | n | IVA weight on the relevant cells | their token share (= uniform weights) | ratio |",
+                  "|---|---|---|---|---|"]
+        order = sorted(rel, key=lambda k: (k.startswith("right:"), not k.removeprefix("right:").startswith("cells:"),
+                                           k))
+        for k in order:
+            v = rel[k]
+            name = k.replace("right:", "teacher right, ")
+            lines.append(f"| {name} | {v['n']} | {v['weight_share']:.3f} | {v['token_share']:.3f} | "
+                         f"{v['weight_share'] / v['token_share']:.2f}x |")
+        lines.append("")
+    lines += ["| method | transition KL (off-path) | next-token KL (ground truth) | item accuracy | long answers, "
               "items | one-cell, exact | whole grid, exact |", "|---|---|---|---|---|---|---|"]
     cells = sorted((k for k in next(iter(mech["rows"].values())) if k.startswith("exact:cells:")),
                    key=lambda k: int(k.rsplit(":", 1)[1]))

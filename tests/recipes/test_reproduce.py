@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 DRIVER = REPO / "recipes" / "mini" / "reproduce.py"
 sys.path.insert(0, str(DRIVER.parent))  # what running the driver as a script does
 
-from reproduce import METHODS, Job, make_task  # noqa: E402
+from reproduce import GRIDREAD_EXTRA, METHODS, Job, make_task  # noqa: E402
 from reproduce_report import fixed_samples, mean_std, paired_difference  # noqa: E402
 
 
@@ -130,11 +130,14 @@ def test_reproduce_on_gridread_reports_the_mechanisms(tmp_path):
     assert res["task_options"]["train_size"] == 200 and res["categories"][0] == "cell"
     mech = res["mechanisms"]
     assert {c["key"] for c in mech["checks"]} == {"iva_one_cell", "tpa_transition", "tpa_long", "align_ti_vs_iva",
-                                                  "align_ti_vs_kd"}
-    assert all(len(mech["rows"][m.key]["transition_kl"]) == 2 for m in METHODS)
-    rel = mech["capture"]["relevant"]
+                                                  "align_ti_vs_kd", "iva_as_one_cell", "align_ti_as_vs_kd"}
+    assert all(len(mech["rows"][m.key]["transition_kl"]) == 2 for m in METHODS + GRIDREAD_EXTRA)
+    assert set(mech["capture"]) == {"instruction", "answer_start"}  # the capture from either query rows
+    rel = mech["capture"]["instruction"]["relevant"]
     assert rel["cells:1"]["token_share"] == pytest.approx(1 / 16)  # upscale 1: a cell is one of 16 vision tokens
-    assert "iva_k" in mech["rows"]  # the drawn-rows IVA row
+    # The answer-start rows' jobs trained with that focus: their IRS calibration says so.
+    assert json.loads((out / "align_ti_as" / "seed0" / "irs.json").read_text())["queries"] == "answer_start"
+    assert json.loads((out / "align_ti" / "seed0" / "irs.json").read_text())["queries"] == "instruction"
     md = (out / "results.md").read_text()
     assert "## Predictions and what held" in md and "transition KL" in md
     with Image.open(out / "mechanisms.png") as im:

@@ -73,19 +73,24 @@ def test_transition_kl_equals_a_full_forward_after_each_off_path_token(setup):
     assert same["all"]["gt_kl"] == pytest.approx(0, abs=1e-6) and same["all"]["transition_kl"] == pytest.approx(0, abs=1e-6)
 
 
-def test_iva_weight_share_equals_eager_attention_on_the_relevant_cells(setup):
+@pytest.mark.parametrize("queries", ["instruction", "answer_start"])
+def test_iva_weight_share_equals_eager_attention_on_the_relevant_cells(setup, queries):
     root, t_dir, _, records = setup
     processor = load_processor(str(t_dir))
     model = load_model(str(t_dir), AttentionConfig("eager", "sdpa"), torch.float32).eval()
     loader = held_out_loader(processor, str(root / "data" / "test.json"), SAMPLES, batch_size=2)
-    got = teacher_focus(model, loader, records, grid=2, iva_layer=1)
+    got = teacher_focus(model, loader, records, grid=2, iva_layer=1, queries=queries)
     shares, token_shares = [], []
     with torch.no_grad():
         for batch in loader:
             att = model(**model_inputs(batch), output_attentions=True).attentions[1]  # [B, H, L, L]
             for b, sid in enumerate(batch["sample_ids"]):
-                inst, vis = batch["instruction_mask"][b], batch["vision_mask"][b]
-                focus = att[b][:, inst][:, :, vis].mean((0, 1))
+                vis, labels = batch["vision_mask"][b], batch["labels"][b].tolist()
+                if queries == "instruction":
+                    rows = batch["instruction_mask"][b].nonzero().squeeze(-1).tolist()
+                else:  # the one position whose logits predict the answer's first token
+                    rows = [next(t for t in range(len(labels) - 1) if labels[t] == -100 and labels[t + 1] != -100)]
+                focus = att[b][:, rows][:, :, vis].mean((0, 1))
                 focus = focus / focus.sum()
                 relevant = torch.from_numpy(cell_token_mask(records[sid]["cells"], 2, 4))
                 shares.append(float(focus[relevant].sum()))

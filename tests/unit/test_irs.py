@@ -57,6 +57,7 @@ def test_irs_command(tmp_path, tiny_model, digitgrid):
     assert report["samples"] == 24 and report["pairs"] == 24 * 23 // 2 and len(report["irs"]) == 2
     assert all(0 <= s <= 1 for s in report["irs"]) and not any(math.isnan(s) for s in report["irs"])
     assert report["chosen_layer"] == max(range(2), key=lambda i: (report["irs"][i], -i))
+    assert report["queries"] == "instruction"
     assert f"Chosen IVA layer: {report['chosen_layer']}" in proc.stdout and "layer  IRS" in proc.stdout
     assert (out / "irs.png").stat().st_size > 1000
     # the same samples in one process give the same scores (the 2-rank run gathered every sample once)
@@ -107,3 +108,34 @@ def test_calibration_loader_gives_every_rank_the_same_number_of_batches(tmp_path
                 for r in range(4)]
     assert [len(ids) for ids in per_rank] == [2] * 4
     assert len({sid for ids in per_rank for sid in ids}) == 8
+
+
+def test_irs_focus_from_the_answer_start_rows_is_eager_attention_from_there(tiny_model, digitgrid):
+    """``queries: answer_start``: every layer's focus is the attention, as eager attention gives it, from the one
+    position whose logits predict the answer's first token, renormalised over the image."""
+    from aligntI.config import AttentionConfig, DataConfig, DataSource
+    from aligntI.data.dataset import model_inputs
+    from aligntI.data.loader import build_sequential_loader
+    from aligntI.hooks.attention import install
+    from aligntI.irs import collect_focus
+    from aligntI.models.loading import load_model, load_processor
+
+    install()
+    processor = load_processor(str(tiny_model))
+    data = DataConfig(train=[DataSource(str(digitgrid / "test.json"), max_samples=6)], num_workers=0)
+    loader = build_sequential_loader(processor, data, batch_size=3)
+    model = load_model(str(tiny_model), AttentionConfig("sdpa", "sdpa"), torch.float32).eval()
+    focus, _, left_out = collect_focus(model, model, loader, "cpu", torch.float32, show_progress=False,
+                                       queries="answer_start")
+    eager = load_model(str(tiny_model), AttentionConfig("eager", "eager"), torch.float32).eval()
+    oracle = []
+    with torch.no_grad():
+        for batch in loader:
+            attentions = eager(**model_inputs(batch), output_attentions=True, use_cache=False).attentions
+            for b, labels in enumerate(batch["labels"].tolist()):
+                start = next(t for t in range(len(labels) - 1) if labels[t] == -100 and labels[t + 1] != -100)
+                vis = batch["vision_mask"][b]
+                rows = torch.stack([a[b].mean(0)[start][vis] for a in attentions])
+                oracle.append(rows / rows.sum(-1, keepdim=True))
+    assert left_out == 0
+    torch.testing.assert_close(focus, torch.stack(oracle, dim=1).to(focus.dtype), atol=1e-5, rtol=1e-4)
