@@ -154,7 +154,7 @@ def cmd_attention_maps(args) -> int:
             models, args.data, indices, layers, teacher="teacher", images=args.images,
             chat_template=args.chat_template, batch_size=args.batch_size, attn=args.attn, device=device,
             max_length=args.max_length, predictions={n: read_predictions(p) for n, p in predictions.items()},
-            layer_source=source,
+            layer_source=source, queries=args.queries,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"aligntI attention-maps: {err}", file=sys.stderr)
@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--batch-size", type=int, default=default_of(compute_attention_maps, "batch_size"))
     p.add_argument("--max-length", type=int, default=default_of(compute_attention_maps, "max_length"))
+    p.add_argument("--queries", choices=QUERY_ROWS, default=default_of(compute_attention_maps, "queries"),
+                   help="the maps' query rows, as a recipe's iva.queries (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_attention_maps)
     return parser

@@ -54,6 +54,7 @@ class AttentionMaps:
     similarity: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     predictions: dict[str, dict[str, str]] = field(default_factory=dict)
     layer_source: str = ""
+    queries: str = "instruction"  # the maps' query rows (iva.queries)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per student, each metric averaged over the samples."""
@@ -77,6 +78,7 @@ class AttentionMaps:
             "models": {name: {"path": path, "layer": self.layers[name], "num_layers": self.num_layers[name],
                               "grid": grids[name]} for name, path in self.models.items()},
             "teacher_layer_from": self.layer_source,
+            "queries": self.queries,
             "metrics": {"cosine": "cosine similarity of the student's and the teacher's maps (1: same shape)",
                         "l1": "sum of absolute differences (0..2)",
                         "tv": "total-variation distance, L1 / 2 (0: identical, 1: disjoint)"},
@@ -198,17 +200,18 @@ def _view(pixel_values: torch.Tensor, image_processor) -> torch.Tensor:
 def model_focus(model_dir: str | Path, layer: int, data: str | Path, images: str | Path | None,
                 indices: list[int], *, chat_template: str | None = None, batch_size: int = 16,
                 attn: str = "sdpa", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                max_length: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                max_length: int = 4096, queries: str = "instruction") -> tuple[torch.Tensor, torch.Tensor]:
     """One model's focus of ``layer`` on records ``indices`` of ``data``: (``[N, V]`` maps, ``[N, H, W, 3]`` views).
 
-    A plain forward (no generation, no KV cache) over the whole conversation: the instruction tokens come
-    before the answer, so causal attention makes their rows the same as with the prompt alone.
+    ``queries``: the focus's query rows, as a recipe's ``iva.queries`` names them. A plain forward (no
+    generation, no KV cache) over the whole conversation: the query rows come before the answer's tokens, so
+    causal attention makes their rows the same as with the prompt alone.
     """
     from aligntI.config import AttentionConfig, DataConfig, DataSource
     from aligntI.data.dataset import LlavaDataset, model_inputs
     from aligntI.data.loader import build_collator, build_encoder, build_records
     from aligntI.hooks.attention import AttentionCapture, install
-    from aligntI.losses.iva import instruction_to_vision_focus
+    from aligntI.losses.iva import focus_queries, instruction_to_vision_focus
     from aligntI.models.loading import load_model, load_processor
 
     install()
@@ -224,18 +227,19 @@ def model_focus(model_dir: str | Path, layer: int, data: str | Path, images: str
     for batch in loader:
         if batch["skips"]:  # a too-long sample would be replaced by the next record: the wrong picture
             raise ValueError(f"{model_dir}: {batch['skips'][0].message} (raise max_length)")
-        for sid, has_vision, has_inst in zip(batch["sample_ids"], batch["vision_mask"].any(-1).tolist(),
-                                             batch["instruction_mask"].any(-1).tolist()):
-            if not (has_vision and has_inst):
-                raise ValueError(f"{data}: sample {sid!r} has no image or no instruction after its image: "
-                                 "there is no instruction→vision attention to draw")
+        rows = focus_queries(batch["instruction_mask"], batch["labels"], queries)
+        for sid, has_vision, has_rows in zip(batch["sample_ids"], batch["vision_mask"].any(-1).tolist(),
+                                             rows.any(-1).tolist()):
+            if not (has_vision and has_rows):
+                raise ValueError(f"{data}: sample {sid!r} has no image or no {queries} rows after its image: "
+                                 "there is no attention to the image to draw")
         n_vis = batch["vision_mask"].sum(-1)
         if (n_vis != n_vis[0]).any():
             raise ValueError(f"{data}: samples with more than one image are not supported ({n_vis.tolist()} "
                              "vision tokens)")
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        masks = [batch[k].to(device) for k in ("instruction_mask", "vision_mask", "attention_mask")]
+        masks = [m.to(device) for m in (rows, batch["vision_mask"], batch["attention_mask"])]
         with AttentionCapture(model, [layer], *masks) as cap, torch.no_grad():
             model(**inputs, logits_to_keep=1, use_cache=False)
         focus.append(instruction_to_vision_focus(cap[layer], cap.inst_valid.to(device),
@@ -261,8 +265,9 @@ def compute_attention_maps(models: dict[str, str | Path], data: str | Path, indi
                            batch_size: int = 16, attn: str = "sdpa", dtype: torch.dtype = torch.float32,
                            device: str | torch.device = "cpu", max_length: int = 4096,
                            predictions: dict[str, dict[str, str]] | None = None,
-                           layer_source: str = "") -> AttentionMaps:
-    """Each model's instruction→vision focus map on records ``indices`` of ``data``, and the comparisons.
+                           layer_source: str = "", queries: str = "instruction") -> AttentionMaps:
+    """Each model's focus map (from the ``queries`` rows to the image) on records ``indices`` of ``data``, and
+    the comparisons.
 
     ``models``: name → HF model directory, loaded one at a time; ``layers``: name → decoder layer (see
     :func:`resolve_layers`). ``teacher`` (default: the first model) is the reference every other model is
@@ -285,7 +290,7 @@ def compute_attention_maps(models: dict[str, str | Path], data: str | Path, indi
     for name in [teacher] + [n for n in models if n != teacher]:
         focus, seen = model_focus(models[name], layers[name], data, images, indices, chat_template=chat_template,
                                   batch_size=batch_size, attn=attn, dtype=dtype, device=device,
-                                  max_length=max_length)
+                                  max_length=max_length, queries=queries)
         try:
             maps[name] = to_grid(focus)
         except ValueError as err:
@@ -294,7 +299,8 @@ def compute_attention_maps(models: dict[str, str | Path], data: str | Path, indi
     similarity = {name: compare(maps[teacher], maps[name]) for name in models if name != teacher}
     return AttentionMaps(models={n: str(p) for n, p in models.items()}, layers=dict(layers), num_layers=counts,
                          teacher=teacher, samples=samples, maps={n: maps[n] for n in models}, views=views,
-                         similarity=similarity, predictions=dict(predictions or {}), layer_source=layer_source)
+                         similarity=similarity, predictions=dict(predictions or {}), layer_source=layer_source,
+                         queries=queries)
 
 
 # --------------------------------------------------------------------------------------------- pictures

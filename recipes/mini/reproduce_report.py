@@ -147,9 +147,18 @@ def attention_study(repro, out: Path) -> dict:
                                    layers, teacher="teacher", layer_source=source)
     paths = write_attention_maps(shown, out / "attention_maps")
     report = json.loads(irs.read_text())
-    return {"closeness": closeness, "teacher_layer": layers["teacher"], "student_layer": layers["after Align-TI"],
-            "irs": report.get("irs"), "chosen_layer": report.get("chosen_layer"),
-            "overview": str(paths["overview"])}
+    found = {"closeness": closeness, "teacher_layer": layers["teacher"], "student_layer": layers["after Align-TI"],
+             "irs": report.get("irs"), "chosen_layer": report.get("chosen_layer"),
+             "overview": str(paths["overview"])}
+    if "align_ti_as" in repro.runs:  # the same questions, the focus from the answer start (what that row aligns)
+        irs_as = repro.runs["align_ti_as"][0] / "irs.json"
+        pictures = {**pictures, "after Align-TI": repro.runs["align_ti_as"][0] / "final"}
+        layers, source = resolve_layers(pictures, "teacher", irs=irs_as)
+        shown = compute_attention_maps(pictures, test, [s["index"] for s in shown.samples], layers,
+                                       teacher="teacher", layer_source=source, queries="answer_start")
+        found["overview_answer_start"] = str(write_attention_maps(shown, out / "attention_maps_answer_start")
+                                             ["overview"])
+    return found
 
 
 def plot_results(summary: dict, path: Path) -> None:
@@ -270,7 +279,9 @@ def format_markdown(summary: dict, attention: dict, minutes: float) -> str:
         "",
         "Attention: the instruction→vision focus at the layers above on 200 test questions (cosine: 1 = the "
         "teacher's focus; TV: total variation distance, 0 = the same). Heat-maps of fixed questions: "
-        f"`{attention['overview']}`. Chart: `results.png`.",
+        f"`{attention['overview']}`"
+        + (f"; the focus from the answer start, with Align-TI's answer-start row: `{attention['overview_answer_start']}`"
+           if "overview_answer_start" in attention else "") + ". Chart: `results.png`.",
         "",
     ]
     return "\n".join(lines)
@@ -312,6 +323,10 @@ PREDICTIONS = (
      "follow the asked cell)", "iva_as", "visual_kd_uniform", "exact:cells:1", +1),
     ("align_ti_as_vs_kd", "Align-TI with the answer-start focus beats vanilla KD overall", "align_ti_as",
      "vanilla_kd", "items:all", +1),
+    # Added after the answer-start rows' table (weights on the asked cell, no gain), before this row was run.
+    ("iva_attention_one_cell", "IVA aligning the answer-start attention itself (iva.mode: attention) beats uniform "
+     "weights on one-cell questions (it teaches where to look)", "iva_attn", "visual_kd_uniform", "exact:cells:1",
+     +1),
 )
 LENGTH_KEYS = ("len:1-2", "len:3-7", "len:8-14", "len:15+")
 QUERY_NAMES = {"instruction": "the question's tokens", "answer_start": "the answer-start position"}

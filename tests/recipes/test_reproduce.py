@@ -130,7 +130,8 @@ def test_reproduce_on_gridread_reports_the_mechanisms(tmp_path):
     assert res["task_options"]["train_size"] == 200 and res["categories"][0] == "cell"
     mech = res["mechanisms"]
     assert {c["key"] for c in mech["checks"]} == {"iva_one_cell", "tpa_transition", "tpa_long", "align_ti_vs_iva",
-                                                  "align_ti_vs_kd", "iva_as_one_cell", "align_ti_as_vs_kd"}
+                                                  "align_ti_vs_kd", "iva_as_one_cell", "align_ti_as_vs_kd",
+                                                  "iva_attention_one_cell"}
     assert all(len(mech["rows"][m.key]["transition_kl"]) == 2 for m in METHODS + GRIDREAD_EXTRA)
     assert set(mech["capture"]) == {"instruction", "answer_start"}  # the capture from either query rows
     rel = mech["capture"]["instruction"]["relevant"]
@@ -140,5 +141,8 @@ def test_reproduce_on_gridread_reports_the_mechanisms(tmp_path):
     assert json.loads((out / "align_ti" / "seed0" / "irs.json").read_text())["queries"] == "instruction"
     md = (out / "results.md").read_text()
     assert "## Predictions and what held" in md and "transition KL" in md
+    assert (out / "attention_maps_answer_start" / "overview.png").is_file()
+    assert json.loads((out / "attention_maps_answer_start" / "attention_maps.json").read_text())["queries"] == \
+        "answer_start"
     with Image.open(out / "mechanisms.png") as im:
         assert im.size[0] > 1000

@@ -229,3 +229,28 @@ def test_non_square_token_count_is_a_clear_error(tmp_path, digitgrid, capsys):
                  str(digitgrid / "test.json"), "--first", "2", "--chat-template", "llava_v1_compact",
                  "--out", str(tmp_path / "out")]) == 2
     assert "teacher (" in (err := capsys.readouterr().err) and "17 vision tokens per image do not form a square" in err
+
+
+def test_answer_start_maps_are_eager_attention_from_the_answer_start(deep_teacher, digitgrid):
+    """``queries="answer_start"``: the map is the attention from the one position whose logits predict the
+    answer's first token, as eager attention gives it."""
+    from aligntI.eval.attention_maps import model_focus
+
+    data = digitgrid / "test.json"
+    maps, _ = model_focus(deep_teacher, 3, data, None, SAMPLES, chat_template="llava_v1_compact", batch_size=2,
+                          queries="answer_start")
+    processor = load_processor(deep_teacher)
+    cfg = DataConfig(train=[DataSource(str(data))], chat_template="llava_v1_compact", max_length=64,
+                     padding_side="left", num_workers=0)
+    batch = next(iter(build_sequential_loader(processor, cfg, batch_size=max(SAMPLES) + 1)))
+    model = load_model(deep_teacher, AttentionConfig("eager", "eager")).eval()
+    with torch.no_grad():
+        att = model(**model_inputs(batch), output_attentions=True, use_cache=False).attentions[3]
+    oracle = []
+    for b in SAMPLES:
+        labels = batch["labels"][b].tolist()
+        start = next(t for t in range(len(labels) - 1) if labels[t] == -100 and labels[t + 1] != -100)
+        a = att[b].mean(0)[start][batch["vision_mask"][b]]
+        oracle.append(a / a.sum())
+    torch.testing.assert_close(maps, torch.stack(oracle), atol=1e-5, rtol=0)
+    assert (maps - eager_focus(deep_teacher, data, 3, SAMPLES).flatten(1)).abs().max() > 1e-3  # not the question's

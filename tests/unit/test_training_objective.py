@@ -323,3 +323,34 @@ def test_iva_focus_from_the_answer_start_rows_against_eager_attention(tiny_model
     torch.testing.assert_close(weights, starts, atol=1e-5, rtol=1e-4)
     # The untrained model attends almost uniformly, but the two query sets still differ far beyond the match.
     assert (starts - question).abs().max() > 1e-4 > 100 * (weights - starts).abs().max()
+
+
+def test_attention_mode_aligns_the_answer_start_focus_of_both_models(tiny_model, tiny_student, digitgrid, tmp_path):
+    """``iva.mode: attention`` with ``iva.queries: answer_start``: the IVA sum is KL(teacher ‖ student) between the
+    two models' attention from the answer-start position to the image, as eager attention gives each."""
+    from aligntI.config import AttentionConfig
+    from aligntI.models.loading import load_model
+
+    run, mb, plan = budget_step(tiny_model, tiny_student, digitgrid, tmp_path, mode="attention",
+                                queries="answer_start")
+    objective = run.objective
+    with torch.no_grad(), objective.loss(mb, plan.draws[0], plan.counts) as out:
+        got = out.sums["iva"]
+    vision, labels = mb["vision_mask"], mb["labels"]
+    samples = objective.iva_samples(mb).nonzero().squeeze(-1).tolist()
+
+    def focus(model_dir, layer):
+        model = load_model(str(model_dir), AttentionConfig("eager", "eager"), torch.float32).eval()
+        with torch.no_grad():
+            att = model(**model_inputs(mb), output_attentions=True, use_cache=False).attentions[layer]
+        rows = []
+        for b in samples:
+            start = next(t for t in range(labels.shape[1] - 1) if labels[b, t] == -100 and labels[b, t + 1] != -100)
+            a = att[b].mean(0)[start][vision[b]]
+            rows.append(a / a.sum())
+        return torch.stack(rows)
+
+    t, s = focus(tiny_model, objective.iva_layer), focus(tiny_student, objective.student_layer)
+    oracle = torch.nn.functional.kl_div(s.log(), t, reduction="sum")
+    assert len(samples) >= 3 and oracle > 1e-6  # untrained models attend nearly uniformly: a small KL, not 0
+    torch.testing.assert_close(got, oracle, atol=1e-9, rtol=1e-3)
