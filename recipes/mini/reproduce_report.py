@@ -323,10 +323,15 @@ PREDICTIONS = (
      "follow the asked cell)", "iva_as", "visual_kd_uniform", "exact:cells:1", +1),
     ("align_ti_as_vs_kd", "Align-TI with the answer-start focus beats vanilla KD overall", "align_ti_as",
      "vanilla_kd", "items:all", +1),
-    # Added after the answer-start rows' table (weights on the asked cell, no gain), before this row was run.
+    # Added after the answer-start rows' table (weights on the asked cell, no gain), before these rows were run
+    # on the test split (their IVA weight was chosen on the validation split).
     ("iva_attention_one_cell", "IVA aligning the answer-start attention itself (iva.mode: attention) beats uniform "
      "weights on one-cell questions (it teaches where to look)", "iva_attn", "visual_kd_uniform", "exact:cells:1",
      +1),
+    ("align_ti_attention_vs_kd", "Align-TI with attention alignment beats vanilla KD overall", "align_ti_attn",
+     "vanilla_kd", "items:all", +1),
+    ("align_ti_attention_vs_iva", "TPA adds to attention-alignment IVA (Align-TI, attention alignment vs +IVA, "
+     "attention alignment)", "align_ti_attn", "iva_attn", "items:all", +1),
 )
 LENGTH_KEYS = ("len:1-2", "len:3-7", "len:8-14", "len:15+")
 QUERY_NAMES = {"instruction": "the question's tokens", "answer_start": "the answer-start position"}

@@ -131,7 +131,8 @@ def test_reproduce_on_gridread_reports_the_mechanisms(tmp_path):
     mech = res["mechanisms"]
     assert {c["key"] for c in mech["checks"]} == {"iva_one_cell", "tpa_transition", "tpa_long", "align_ti_vs_iva",
                                                   "align_ti_vs_kd", "iva_as_one_cell", "align_ti_as_vs_kd",
-                                                  "iva_attention_one_cell"}
+                                                  "iva_attention_one_cell", "align_ti_attention_vs_kd",
+                                                  "align_ti_attention_vs_iva"}
     assert all(len(mech["rows"][m.key]["transition_kl"]) == 2 for m in METHODS + GRIDREAD_EXTRA)
     assert set(mech["capture"]) == {"instruction", "answer_start"}  # the capture from either query rows
     rel = mech["capture"]["instruction"]["relevant"]
