@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -199,11 +200,25 @@ class Job:
         return {"recipe": self.recipe, "overrides": self.overrides, "ranks": self.ranks}
 
     def finished(self) -> bool:
-        """Its HF model is exported and it was run with exactly these settings."""
+        """Its HF model is exported and it was run to the end with exactly these settings."""
+        record = self.recorded()
+        return (self.run_dir / "final" / "config.json").is_file() and record.get("settings") == self.settings \
+            and "seconds" in record
+
+    def recorded(self) -> dict:
+        """``job.json``: the settings it was started with, and its time once it has finished ({} if none)."""
         record = self.run_dir / "job.json"
-        if not (self.run_dir / "final" / "config.json").is_file() or not record.is_file():
-            return False
-        return json.loads(record.read_text())["settings"] == self.settings
+        return json.loads(record.read_text()) if record.is_file() else {}
+
+    def start_fresh_unless_same(self) -> None:
+        """Keep the run directory (its checkpoints: an interrupted job resumes) only if it was started with these
+        settings; another experiment's checkpoints would be resumed as if they were this one's."""
+        record = self.recorded()
+        if self.run_dir.exists() and record.get("settings") != self.settings:
+            tqdm.write(f"[reproduce] {self.name}: {self.run_dir} holds a run with other settings; starting afresh")
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "job.json").write_text(json.dumps({"settings": self.settings}, indent=2) + "\n")
 
     def command(self) -> list[str]:
         launcher = [sys.executable]
@@ -234,6 +249,7 @@ class Scheduler:
                     tqdm.write(f"[reproduce] {job.name}: already done in {job.run_dir}")
                     self._done(job, bar)
                     continue
+                job.start_fresh_unless_same()
                 if job.before is not None:
                     job.before()
                 env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}

@@ -67,6 +67,8 @@ def training_minutes(out: Path) -> dict[str, float]:
     spans = {}
     for record in Path(out).glob("**/job.json"):
         job = json.loads(record.read_text())
+        if "seconds" not in job:  # started, never finished
+            continue
         ended = job.get("ended", record.stat().st_mtime)
         spans[record.parent] = (ended - job["seconds"], ended)
     teacher = [v for k, v in spans.items() if k.name == "teacher"]

@@ -28,6 +28,15 @@ def test_a_job_is_skipped_only_when_finished_with_the_same_settings(tmp_path):
     assert job.finished()
     other = Job("sft/seed0", job.run_dir, job.recipe, ["seed=0", "train.max_steps=9"], ranks=1)
     assert not other.finished()  # other settings: run again, never reuse
+    # ... and never resume the other settings' checkpoints: the run directory starts afresh.
+    (job.run_dir / "checkpoints" / "step_00000400").mkdir(parents=True)
+    other.start_fresh_unless_same()
+    assert not (job.run_dir / "checkpoints").exists() and not (job.run_dir / "final").exists()
+    assert json.loads((job.run_dir / "job.json").read_text()) == {"settings": other.settings}
+    assert not other.finished()  # started, not finished
+    (job.run_dir / "checkpoints").mkdir()  # an interrupted run with the same settings keeps its checkpoints
+    other.start_fresh_unless_same()
+    assert (job.run_dir / "checkpoints").is_dir()
     assert job.command()[1:] == ["recipes/train.py", "--config", "recipes/mini/student_sft.yaml", "seed=0"]
     two = Job("x", job.run_dir, job.recipe, [], ranks=2).command()
     assert two[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
