@@ -62,6 +62,13 @@ def digitgrid(tmp_path_factory):
     return out
 
 
+def answer_starts(labels) -> list[int]:
+    """A test's own reading of ``iva.queries: answer_start`` for one sample's labels (a list or 1-D tensor): the
+    positions whose label is unset and whose next label is set, i.e. whose logits predict an answer's first token."""
+    labels = [int(v) for v in labels]
+    return [t for t in range(len(labels) - 1) if labels[t] == -100 and labels[t + 1] != -100]
+
+
 def write_tiny_model(out: Path, tokenizer_dir: Path, vision_from: Path | None = None, image_size: int = 32,
                      **text) -> Path:
     """A fast tiny teacher-shaped model (CLI path)."""

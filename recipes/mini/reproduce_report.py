@@ -154,7 +154,8 @@ def attention_study(repro, out: Path) -> dict:
              "overview": str(paths["overview"])}
     if "align_ti_as" in repro.runs:  # the same questions, the focus from the answer start (what that row aligns)
         irs_as = repro.runs["align_ti_as"][0] / "irs.json"
-        pictures = {**pictures, "after Align-TI": repro.runs["align_ti_as"][0] / "final"}
+        pictures = {k: v for k, v in pictures.items() if k != "after Align-TI"}
+        pictures["after Align-TI, answer start"] = repro.runs["align_ti_as"][0] / "final"
         layers, source = resolve_layers(pictures, "teacher", irs=irs_as)
         shown = compute_attention_maps(pictures, test, [s["index"] for s in shown.samples], layers,
                                        teacher="teacher", layer_source=source, queries="answer_start")

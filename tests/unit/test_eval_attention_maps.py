@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import write_tiny_model
+from conftest import answer_starts, write_tiny_model
 from PIL import Image
 
 from aligntI.cli import main
@@ -65,9 +65,10 @@ def result(deep_teacher, student, digitgrid):
                                   batch_size=2)
 
 
-def eager_focus(model_dir, data, layer, rows):
-    """The oracle: eager output_attentions of a whole batch, instruction rows × vision columns averaged over heads
-    and instruction positions, renormalised over the vision columns and reshaped row-major."""
+def eager_focus(model_dir, data, layer, rows, queries="instruction"):
+    """The oracle: eager output_attentions of a whole batch, query rows (the instruction's, or the answer start)
+    × vision columns averaged over heads and query positions, renormalised over the vision columns and reshaped
+    row-major."""
     processor = load_processor(model_dir)
     cfg = DataConfig(train=[DataSource(str(data))], chat_template="llava_v1_compact", max_length=64,
                      padding_side="left", num_workers=0)
@@ -77,7 +78,8 @@ def eager_focus(model_dir, data, layer, rows):
         att = model(**model_inputs(batch), output_attentions=True, use_cache=False).attentions[layer]
     out = []
     for b in rows:
-        inst = batch["instruction_mask"][b].nonzero()[:, 0]
+        inst = (batch["instruction_mask"][b].nonzero()[:, 0] if queries == "instruction"
+                else torch.tensor(answer_starts(batch["labels"][b])))
         vis = batch["vision_mask"][b].nonzero()[:, 0]
         a = att[b][:, inst][:, :, vis].mean(dim=(0, 1))
         a = a / a.sum()
@@ -239,18 +241,6 @@ def test_answer_start_maps_are_eager_attention_from_the_answer_start(deep_teache
     data = digitgrid / "test.json"
     maps, _ = model_focus(deep_teacher, 3, data, None, SAMPLES, chat_template="llava_v1_compact", batch_size=2,
                           queries="answer_start")
-    processor = load_processor(deep_teacher)
-    cfg = DataConfig(train=[DataSource(str(data))], chat_template="llava_v1_compact", max_length=64,
-                     padding_side="left", num_workers=0)
-    batch = next(iter(build_sequential_loader(processor, cfg, batch_size=max(SAMPLES) + 1)))
-    model = load_model(deep_teacher, AttentionConfig("eager", "eager")).eval()
-    with torch.no_grad():
-        att = model(**model_inputs(batch), output_attentions=True, use_cache=False).attentions[3]
-    oracle = []
-    for b in SAMPLES:
-        labels = batch["labels"][b].tolist()
-        start = next(t for t in range(len(labels) - 1) if labels[t] == -100 and labels[t + 1] != -100)
-        a = att[b].mean(0)[start][batch["vision_mask"][b]]
-        oracle.append(a / a.sum())
-    torch.testing.assert_close(maps, torch.stack(oracle), atol=1e-5, rtol=0)
+    oracle = eager_focus(deep_teacher, data, 3, SAMPLES, queries="answer_start").flatten(1)
+    torch.testing.assert_close(maps, oracle, atol=1e-5, rtol=0)
     assert (maps - eager_focus(deep_teacher, data, 3, SAMPLES).flatten(1)).abs().max() > 1e-3  # not the question's

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_tiny_model
+from conftest import answer_starts, write_tiny_model
 
 from aligntI.config import AttentionConfig
 from aligntI.data.dataset import model_inputs
@@ -89,7 +89,7 @@ def test_iva_weight_share_equals_eager_attention_on_the_relevant_cells(setup, qu
                 if queries == "instruction":
                     rows = batch["instruction_mask"][b].nonzero().squeeze(-1).tolist()
                 else:  # the one position whose logits predict the answer's first token
-                    rows = [next(t for t in range(len(labels) - 1) if labels[t] == -100 and labels[t + 1] != -100)]
+                    rows = answer_starts(labels)
                 focus = att[b][:, rows][:, :, vis].mean((0, 1))
                 focus = focus / focus.sum()
                 relevant = torch.from_numpy(cell_token_mask(records[sid]["cells"], 2, 4))

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import launch
+from conftest import answer_starts, launch
 
 from aligntI.cli import main
 from aligntI.config import ConfigError
@@ -133,7 +133,7 @@ def test_irs_focus_from_the_answer_start_rows_is_eager_attention_from_there(tiny
         for batch in loader:
             attentions = eager(**model_inputs(batch), output_attentions=True, use_cache=False).attentions
             for b, labels in enumerate(batch["labels"].tolist()):
-                start = next(t for t in range(len(labels) - 1) if labels[t] == -100 and labels[t + 1] != -100)
+                (start,) = answer_starts(labels)
                 vis = batch["vision_mask"][b]
                 rows = torch.stack([a[b].mean(0)[start][vis] for a in attentions])
                 oracle.append(rows / rows.sum(-1, keepdim=True))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, write_recipe
+from conftest import REPO, answer_starts, write_recipe
 from recipe_scripts import train_script
 from test_hooks_attention import batch_for, write_mixed
 from transformers import AutoTokenizer
@@ -317,7 +317,7 @@ def test_iva_focus_from_the_answer_start_rows_against_eager_attention(tiny_model
         return out
 
     labels = mb["labels"]
-    starts = oracle(lambda b: [i for i in range(labels.shape[1] - 1) if labels[b, i + 1] != -100 and labels[b, i] == -100])
+    starts = oracle(lambda b: answer_starts(labels[b]))
     question = oracle(lambda b: mb["instruction_mask"][b].nonzero().squeeze(-1).tolist())
     assert iva_rows.sum() >= 3
     torch.testing.assert_close(weights, starts, atol=1e-5, rtol=1e-4)
@@ -345,7 +345,7 @@ def test_attention_mode_aligns_the_answer_start_focus_of_both_models(tiny_model,
             att = model(**model_inputs(mb), output_attentions=True, use_cache=False).attentions[layer]
         rows = []
         for b in samples:
-            start = next(t for t in range(labels.shape[1] - 1) if labels[b, t] == -100 and labels[b, t + 1] != -100)
+            (start,) = answer_starts(labels[b])
             a = att[b].mean(0)[start][vision[b]]
             rows.append(a / a.sum())
         return torch.stack(rows)
