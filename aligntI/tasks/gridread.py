@@ -18,9 +18,11 @@ category      question (phrasing 0)       answer                                
 ``grid``      ``read grid``               every digit row by row, rows separated by    all               digits
                                           ``,`` (``row_separator``): 19 tokens at 4x4
 ``row_sums``  ``sum each row``            every row's sum, ``1 8 , 2 2 , 9 , 3 0``     all               numbers
+``two_rows``  ``read rows 4 and 2``       both rows in the order asked, ``,`` between  two rows          digits
 ============  ==========================  ===========================================  ================  =======
 
-Rows and columns are numbered from 1. Every record holds its ``category``, the ``cells`` the question is about
+Rows and columns are numbered from 1. ``two_rows`` is a long answer that needs addressing (9 words at 4x4): it is
+not in the default mix, so the default data stay as they were; add it with ``mix``. Every record holds its ``category``, the ``cells`` the question is about
 (row-major indices) and how its answer splits into ``items`` (``item_sep``: ``space``, each word but ``,`` an
 item; ``comma``, each ``,``-separated group), so a long answer is scored per item as well as all-or-nothing
 (:mod:`aligntI.eval.items`). Options (grid size, question mix, phrasings, answer form, upscaling) are
@@ -39,7 +41,7 @@ import numpy as np
 
 from aligntI.tasks.digitgrid import LEVELS, hash_splits, load_digits, png_bytes, split_pools, write_tokenizer
 
-CATEGORIES = ("cell", "row", "column", "row_sum", "where", "grid", "row_sums")
+CATEGORIES = ("cell", "row", "column", "row_sum", "where", "grid", "row_sums", "two_rows")
 SPLITS = ("train", "val", "test")
 # Question wordings per category, in order: ``phrasings: k`` draws uniformly among the first k.
 PHRASINGS = {
@@ -50,6 +52,7 @@ PHRASINGS = {
     "where": ("where {d} ?", "find {d}", "which cells hold {d} ?"),
     "grid": ("read grid", "list every digit", "what is in the grid ?"),
     "row_sums": ("sum each row", "add each row", "what are the row sums ?"),
+    "two_rows": ("read rows {r} and {s}", "list rows {r} and {s}", "what is in rows {r} and {s} ?"),
 }
 # ``address: word``: a cell question names its cell with one word, ``r2c3`` (row 2, column 3), as DigitGrid's
 # ``top-left`` does, instead of the two numbers of ``row 2 column 3``.
@@ -57,7 +60,7 @@ CELL_WORD_PHRASINGS = ("what {rc} ?", "digit at {rc} ?", "read cell {rc}")
 ADDRESSES = ("pair", "word")
 # How an answer splits into the items per-item accuracy counts (aligntI.eval.items.answer_items).
 ITEM_SEP = {"cell": "space", "row": "space", "column": "space", "row_sum": "comma", "where": "comma",
-            "grid": "space", "row_sums": "comma"}
+            "grid": "space", "row_sums": "comma", "two_rows": "space"}
 DIGIT_PX = 8  # scikit-learn's digits are 8x8
 FORMAT_VERSION = 1  # bump when the generator changes so cached datasets are rebuilt
 META_NAME = "gridread.json"
@@ -186,6 +189,10 @@ def make_question(labels: list[int], category: str, options: GridReadOptions,
     if category == "column":
         c = int(rng.integers(n))
         return form.format(c=c + 1), " ".join(str(rows[r][c]) for r in range(n)), [r * n + c for r in range(n)]
+    if category == "two_rows":
+        r, s = (int(x) for x in rng.choice(n, size=2, replace=False))  # two different rows, in either order
+        answer = " , ".join(" ".join(map(str, rows[x])) for x in (r, s))
+        return form.format(r=r + 1, s=s + 1), answer, [x * n + c for x in sorted((r, s)) for c in range(n)]
     everything = list(range(n * n))
     if category == "where":
         d = int(rng.integers(10))

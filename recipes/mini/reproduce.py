@@ -2,6 +2,7 @@
 
     python recipes/mini/reproduce.py [--quick] [--task digitgrid|gridread] [--task-option KEY=VALUE ...]
                                      [--seeds N] [--steps N] [--teacher-steps N] [--ranks-per-job N] [--out DIR]
+                                     [--rows KEY,KEY,...]
 
 Run as a script, so that its folder is on ``sys.path`` and ``reproduce_report`` beside it imports.
 
@@ -16,6 +17,7 @@ Every finished model is then scored on the held-out test split; ``results.md``/`
 mean ± std per row next to the paper's numbers, ``results.png`` the bar chart, and ``attention_maps/``
 the teacher's IRS-layer attention beside the student's before and after distillation.
 
+``--rows`` trains and reports some of the rows only (a cheaper table of the differences one question needs).
 A job whose run directory already holds its finished model with the same settings is not run again, so an
 interrupted reproduction continues where it stopped (each run also resumes from its own checkpoints).
 """
@@ -362,8 +364,8 @@ class Reproduction:
         """Every row and seed; the vanilla-KD sweep first, so its choice is known while the rest run."""
         seeds = range(self.preset.seeds)
         sweep_seeds = range(min(self.preset.sweep_seeds, self.preset.seeds))
-        kd = next(m for m in self.methods if m.temperatures)
-        sweep_jobs = [self.student_job(kd, s, t) for s in sweep_seeds for t in kd.temperatures]
+        kd = next((m for m in self.methods if m.temperatures), None)
+        sweep_jobs = [self.student_job(kd, s, t) for s in sweep_seeds for t in kd.temperatures] if kd else []
         pending = {job.name for job in sweep_jobs}
 
         def sweep_done(job: Job) -> None:
@@ -417,12 +419,26 @@ class Reproduction:
         return scores
 
 
+def task_rows(task: str, keys: list[str] | None = None) -> tuple[Method, ...]:
+    """The table's rows for ``task``, in its order; ``keys`` picks some of them (unknown keys raise)."""
+    every = METHODS + (GRIDREAD_EXTRA if task == "gridread" else ())
+    if keys is None:
+        return every
+    known = ", ".join(m.key for m in every)
+    if not keys:
+        raise ValueError(f"--rows: no rows given; known for {task}: {known}")
+    unknown = [k for k in keys if k not in {m.key for m in every}]
+    if unknown:
+        raise ValueError(f"--rows: unknown rows {unknown} for {task}; known: {known}")
+    return tuple(m for m in every if m.key in keys)
+
+
 def reproduce(*, quick: bool = False, task: str = "digitgrid", task_options: list[str] | None = None,
               out: str | None = None, seeds: int | None = None, steps: int | None = None,
-              teacher_steps: int | None = None, ranks_per_job: int = 1) -> str:
+              teacher_steps: int | None = None, ranks_per_job: int = 1, rows: list[str] | None = None) -> str:
     """Train everything that is not already done, evaluate, write the report; returns results.md's text.
     ``out``: relative to the working directory (default: ``runs/mini/reproduce[_gridread][_quick]`` in the
-    repository)."""
+    repository). ``rows``: the keys of the rows to train and report (default: every row of the task)."""
     the_task = make_task(task, task_options or [], quick)
     base = PRESETS[task, "quick" if quick else "default"]
     seeds = seeds or base.seeds
@@ -432,7 +448,7 @@ def reproduce(*, quick: bool = False, task: str = "digitgrid", task_options: lis
     name = "reproduce" + ("_gridread" if task == "gridread" else "") + ("_quick" if quick else "")
     repro = Reproduction(out=Path(out).resolve() if out else REPO / "runs" / "mini" / name, preset=preset,
                          task=the_task, ranks_per_job=ranks_per_job,
-                         methods=METHODS + (GRIDREAD_EXTRA if task == "gridread" else ()))
+                         methods=task_rows(task, rows))
     repro.train_all()
     start = time.monotonic()  # training time comes from the jobs' records (they may span several invocations)
     scores = repro.evaluate_all()
@@ -454,17 +470,24 @@ def main(argv: list[str] | None = None) -> None:
                         "train_size, val_size, test_size, seed); repeat for several")
     p.add_argument("--out", default=None, help="output folder (default: runs/mini/reproduce[_gridread][_quick])")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's, 5)")
-    p.add_argument("--steps", type=int, default=None, help="student steps (default: the preset's, 800)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: the preset's, 3000)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="student steps (default: the preset's, 800 for digitgrid, 400 for gridread)")
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="teacher steps (default: the preset's, 3000 for digitgrid, 2000 for gridread)")
+    p.add_argument("--rows", default=None, metavar="KEY,KEY,...",
+                   help="train and report only these rows (e.g. sft,vanilla_kd,tpa); default: every row. The "
+                        "attention study and the teacher's capture need the align_ti row")
     p.add_argument("--ranks-per-job", type=int, default=1,
                    help="ranks of each student job; cores // ranks jobs run side by side (default 1)")
     args = p.parse_args(argv)
+    rows = [k for k in args.rows.split(",") if k] if args.rows is not None else None
     try:
         make_task(args.task, args.task_option, args.quick)
+        task_rows(args.task, rows)
     except ValueError as err:
         p.error(str(err))  # one line, exit 2
-    reproduce(quick=args.quick, task=args.task, task_options=args.task_option, out=args.out, seeds=args.seeds, steps=args.steps, teacher_steps=args.teacher_steps,
-              ranks_per_job=args.ranks_per_job)
+    reproduce(quick=args.quick, task=args.task, task_options=args.task_option, out=args.out, seeds=args.seeds,
+              steps=args.steps, teacher_steps=args.teacher_steps, ranks_per_job=args.ranks_per_job, rows=rows)
 
 
 if __name__ == "__main__":

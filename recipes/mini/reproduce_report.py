@@ -47,7 +47,9 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
 
     diffs = [x - y for x, y in zip(a, b, strict=True)]
     mean, std = mean_std(diffs)
-    p = float(stats.ttest_rel(a, b).pvalue) if len(diffs) > 1 and std > 0 else float("nan")
+    # Differences equal up to rounding have no spread to test against: no p-value (never "resolved").
+    spread = std > 1e-9 * max(1.0, abs(mean))
+    p = float(stats.ttest_rel(a, b).pvalue) if len(diffs) > 1 and spread else float("nan")
     se = std / len(diffs) ** 0.5  # the standard error of the mean difference (what the t-test divides by)
     return {"mean": mean, "std": std, "se": se, "n": len(diffs), "p_value": p, "per_seed": diffs}
 
@@ -102,6 +104,11 @@ def summarise(repro, scores: dict[str, list[dict]]) -> dict:
                        [[final_losses(r) for r in repro.runs[m.key]]] for k in ls[0]},
         })
     by_key = {r["key"]: r for r in rows}
+
+    def difference(a: str, b: str) -> dict | None:  # None where --rows left either row out
+        return paired_difference(by_key[a]["per_seed"], by_key[b]["per_seed"]) if a in by_key and b in by_key \
+            else None
+
     return {
         "task": repro.task.name, "categories": list(categories),
         "task_options": vars(repro.task.options) if repro.task.options else None,
@@ -111,16 +118,19 @@ def summarise(repro, scores: dict[str, list[dict]]) -> dict:
         "rows": rows,
         "kd_temperature": repro.temperature,
         "kd_sweep_val": {f"{t:g}": v for t, v in repro.sweep.items()},
-        "align_ti_minus_vanilla_kd": paired_difference(by_key["align_ti"]["per_seed"], by_key["vanilla_kd"]["per_seed"]),
-        "align_ti_minus_sft": paired_difference(by_key["align_ti"]["per_seed"], by_key["sft"]["per_seed"]),
-        "iva_minus_uniform": paired_difference(by_key["iva"]["per_seed"], by_key["visual_kd_uniform"]["per_seed"]),
+        "align_ti_minus_vanilla_kd": difference("align_ti", "vanilla_kd"),
+        "align_ti_minus_sft": difference("align_ti", "sft"),
+        "iva_minus_uniform": difference("iva", "visual_kd_uniform"),
     }
 
 
 def attention_study(repro, out: Path) -> dict:
-    """How close each student's attention is to the teacher's at the IVA layer, and the heat-maps."""
+    """How close each student's attention is to the teacher's at the IVA layer, and the heat-maps; None without
+    the align_ti row (its IRS calibration picks the layer)."""
     from aligntI.eval.attention_maps import compute_attention_maps, resolve_layers, write_attention_maps
 
+    if "align_ti" not in repro.runs:
+        return None
     irs = repro.runs["align_ti"][0] / "irs.json"
     test = repro.data / "test.json"
     teacher = repro.teacher_dir / "final"
@@ -142,7 +152,8 @@ def attention_study(repro, out: Path) -> dict:
         closeness[key] = {stat: mean_std([summary[n][stat] for n in names]) for stat in ("cosine", "tv")}
     # Pictures: teacher, the student before training, after SFT and after Align-TI (seed 0), fixed questions.
     pictures = {"teacher": teacher, "student before": repro.student_init(0),
-                "after SFT": repro.runs["sft"][0] / "final", "after Align-TI": repro.runs["align_ti"][0] / "final"}
+                **({"after SFT": repro.runs["sft"][0] / "final"} if "sft" in repro.runs else {}),
+                "after Align-TI": repro.runs["align_ti"][0] / "final"}
     layers, source = resolve_layers(pictures, "teacher", irs=irs)
     shown = compute_attention_maps(pictures, test, fixed_samples(test, max(1, repro.preset.heatmap_samples // len(repro.task.categories)),
                                                  repro.task.categories),
@@ -246,47 +257,57 @@ def format_markdown(summary: dict, attention: dict, minutes: float) -> str:
     cats = " | ".join(f"{t[c]:.1f}" for c in categories)
     lines += [f"| Teacher | {t['all']:.1f} | {cats} | | |", ""]
     a_kd = summary["align_ti_minus_vanilla_kd"]
-    resolved = a_kd["p_value"] < 0.05  # False for nan (one seed)
-    verdict = ("Align-TI beats vanilla KD here" if resolved and a_kd["mean"] > 0 else
-               "vanilla KD beats Align-TI here" if resolved else
-               "Align-TI does **not** beat vanilla KD by a margin these seeds resolve")
+    if a_kd is not None:
+        resolved = a_kd["p_value"] < 0.05  # False for nan (one seed)
+        verdict = ("Align-TI beats vanilla KD here" if resolved and a_kd["mean"] > 0 else
+                   "vanilla KD beats Align-TI here" if resolved else
+                   "Align-TI does **not** beat vanilla KD by a margin these seeds resolve")
+        lines.append(f"- Align-TI − vanilla KD: {_diff(a_kd)}. {verdict}.")
+    for key, name in (("align_ti_minus_sft", "Align-TI − student SFT"),
+                      ("iva_minus_uniform", "+IVA − uniform visual KD")):
+        if summary[key] is not None:
+            lines.append(f"- {name}: {_diff(summary[key])}.")
+    if summary["kd_temperature"] is not None:
+        lines.append(
+            f"- Vanilla KD temperature, chosen on the validation split ({_seeds(summary['kd_sweep_val'])}): "
+            + ", ".join(f"T={k}: {statistics.mean(v):.1f}" for k, v in summary["kd_sweep_val"].items())
+            + f" → T={summary['kd_temperature']:g}.")
+    lines += ["", "## Diagnostics", ""]
+    if attention is not None:
+        lines += ["IRS per teacher layer (Align-TI seed 0's calibration): "
+                  + ", ".join(f"L{i} {v:.3f}" for i, v in enumerate(attention["irs"] or []))
+                  + f" → IVA layer {attention['chosen_layer']}; pictures and closeness compare it with student "
+                  f"layer {attention['student_layer']}.", ""]
+    else:
+        lines += ["No attention study: it reads the IVA layer from the Align-TI row's calibration, and `--rows` "
+                  "left that row out.", ""]
+    close = attention["closeness"] if attention is not None else {}
+    no_close = {"cosine": None, "tv": None}
     lines += [
-        f"- Align-TI − vanilla KD: {_diff(a_kd)}. {verdict}.",
-        f"- Align-TI − student SFT: {_diff(summary['align_ti_minus_sft'])}.",
-        f"- +IVA − uniform visual KD: {_diff(summary['iva_minus_uniform'])}.",
-        f"- Vanilla KD temperature, chosen on the validation split ({_seeds(summary['kd_sweep_val'])}): "
-        + ", ".join(f"T={k}: {statistics.mean(v):.1f}" for k, v in summary["kd_sweep_val"].items())
-        + f" → T={summary['kd_temperature']:g}.",
-        "",
-        "## Diagnostics",
-        "",
-        "IRS per teacher layer (Align-TI seed 0's calibration): "
-        + ", ".join(f"L{i} {v:.3f}" for i, v in enumerate(attention["irs"] or []))
-        + f" → IVA layer {attention['chosen_layer']}; pictures and closeness compare it with student layer "
-        f"{attention['student_layer']}.",
-        "",
         "| method | final loss terms (last 10% of steps, mean over seeds) | top-1 agreement | s/step | attention cosine to teacher | attention TV to teacher |",
         "|---|---|---|---|---|---|",
     ]
-    close = attention["closeness"]
-    lines.append(f"| student before training | | | | {_pm(close['before']['cosine'], 3)} | "
-                 f"{_pm(close['before']['tv'], 3)} |")
+    if close:
+        lines.append(f"| student before training | | | | {_pm(close['before']['cosine'], 3)} | "
+                     f"{_pm(close['before']['tv'], 3)} |")
     for r in summary["rows"]:
         ls = r["losses"]
         terms = ", ".join(f"{k} {ls[k]:.3f}" for k in ("sft", "kd", "iva", "tpa") if k in ls) or f"sft {ls['loss']:.3f}"
         agree = f"{ls['top1_agreement']:.3f}" if "top1_agreement" in ls else ""
-        c = close[r["key"]]
-        lines.append(f"| {r['label']} | {terms} | {agree} | {ls['step_time_s']:.3f} | {_pm(c['cosine'], 3)} | "
-                     f"{_pm(c['tv'], 3)} |")
-    lines += [
-        "",
-        "Attention: the instruction→vision focus at the layers above on 200 test questions (cosine: 1 = the "
-        "teacher's focus; TV: total variation distance, 0 = the same). Heat-maps of fixed questions: "
-        f"`{attention['overview']}`"
-        + (f"; the focus from the answer start, with Align-TI's answer-start row: `{attention['overview_answer_start']}`"
-           if "overview_answer_start" in attention else "") + ". Chart: `results.png`.",
-        "",
-    ]
+        c = close.get(r["key"], no_close)
+        lines.append(f"| {r['label']} | {terms} | {agree} | {ls['step_time_s']:.3f} | "
+                     + " | ".join(_pm(c[k], 3) if c[k] else "—" for k in ("cosine", "tv")) + " |")
+    lines.append("")
+    if attention is not None:
+        lines += [
+            "Attention: the instruction→vision focus at the layers above on 200 test questions (cosine: 1 = the "
+            "teacher's focus; TV: total variation distance, 0 = the same). Heat-maps of fixed questions: "
+            f"`{attention['overview']}`"
+            + (f"; the focus from the answer start, with Align-TI's answer-start row: "
+               f"`{attention['overview_answer_start']}`" if "overview_answer_start" in attention else "")
+            + ". Chart: `results.png`.", ""]
+    else:
+        lines += ["Chart: `results.png`.", ""]
     return "\n".join(lines)
 
 
@@ -335,6 +356,13 @@ PREDICTIONS = (
      "vanilla_kd", "items:all", +1),
     ("align_ti_attention_vs_iva", "TPA adds to attention-alignment IVA (Align-TI, attention alignment vs +IVA, "
      "attention alignment)", "align_ti_attn", "iva_attn", "items:all", +1),
+    # Added with the two_rows category (long answers that need addressing: the teacher reads them, students do
+    # not), before any table with it was run.
+    ("tpa_two_rows", "+TPA beats vanilla KD on two-row read-outs (9 words that need addressing; per-item "
+     "accuracy): after an off-path digit the teacher still says which cell comes next", "tpa", "vanilla_kd",
+     "items:two_rows", +1),
+    ("align_ti_attention_two_rows", "TPA adds to attention-alignment IVA on two-row read-outs (per-item accuracy)",
+     "align_ti_attn", "iva_attn", "items:two_rows", +1),
 )
 LENGTH_KEYS = ("len:1-2", "len:3-7", "len:8-14", "len:15+")
 QUERY_NAMES = {"instruction": "the question's tokens", "answer_start": "the answer-start position"}
@@ -389,7 +417,7 @@ def mechanism_study(repro) -> dict:
         rows[key] = {k: [s[k] for s in per_seed] for k in per_seed[0]}
     checks = []
     for key, text, a, b, measure, sign in PREDICTIONS:
-        if a not in rows or b not in rows:
+        if a not in rows or b not in rows or measure not in rows[a]:  # a row --rows left out, a category not mixed
             continue
         d = paired_difference(rows[a][measure], rows[b][measure])
         checks.append({"key": key, "prediction": text, "a": a, "b": b, "measure": measure, "sign": sign,
@@ -405,17 +433,8 @@ def tqdm_(items, desc):
     return tqdm(items, desc=desc, dynamic_ncols=True)
 
 
-def plot_mechanisms(summary: dict, mech: dict, path: Path) -> None:
-    """Three panels: the teacher's IVA weight against the token share by region, each row's KLs, each row's
-    per-item accuracy by answer length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = {r["key"]: r["label"].split(" (")[0] for r in summary["rows"]}
-    fig, (ax_c, ax_kl, ax_len) = plt.subplots(1, 3, figsize=(16, 4.8))
-    captures = mech["capture"]
+def plot_capture(ax_c, captures: dict) -> None:
+    """The teacher's IVA weight on the relevant cells against their token share, per region and query rows."""
     first = next(iter(captures.values()))["relevant"]
     regions = sorted((k for k in first if k.startswith("cells:")), key=lambda k: int(k.split(":")[1]))
     width = 0.8 / (1 + len(captures))
@@ -429,6 +448,22 @@ def plot_mechanisms(summary: dict, mech: dict, path: Path) -> None:
     ax_c.set_ylabel("weight on the relevant cells' tokens")
     ax_c.set_title("the teacher's IVA weights on the relevant cells")
     ax_c.legend(fontsize=8)
+
+
+def plot_mechanisms(summary: dict, mech: dict, path: Path) -> None:
+    """Three panels: the teacher's IVA weight against the token share by region, each row's KLs, each row's
+    per-item accuracy by answer length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {r["key"]: r["label"].split(" (")[0] for r in summary["rows"]}
+    captures = mech["capture"]
+    fig, axes = plt.subplots(1, 3 if captures else 2, figsize=(16 if captures else 11, 4.8))
+    ax_kl, ax_len = axes[-2:]
+    if captures:
+        plot_capture(axes[0], captures)
     keys = [k for k in labels if k in mech["rows"]]
     for j, (measure, name) in enumerate((("gt_kl", "ground-truth path"), ("transition_kl", "after off-path token"))):
         vals = [mean_std(mech["rows"][k][measure]) for k in keys]

@@ -2,6 +2,7 @@
 report)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 DRIVER = REPO / "recipes" / "mini" / "reproduce.py"
 sys.path.insert(0, str(DRIVER.parent))  # what running the driver as a script does
 
-from reproduce import GRIDREAD_EXTRA, METHODS, Job, make_task  # noqa: E402
+from reproduce import GRIDREAD_EXTRA, METHODS, Job, make_task, task_rows  # noqa: E402
 from reproduce_report import fixed_samples, mean_std, paired_difference  # noqa: E402
 
 
@@ -50,6 +51,10 @@ def test_report_statistics_by_hand():
     # paired t = mean / (sd / sqrt(3)); sd of (2, 1, 5) = sqrt(13/3); t = 2.2188, two-sided p with 2 dof = 0.1566
     assert d["p_value"] == pytest.approx(0.1566, abs=1e-3)
     assert d["se"] == pytest.approx((13 / 3) ** 0.5 / 3**0.5)
+    # Two seeds whose differences agree up to rounding (per-question accuracies on the same 89 questions) are
+    # no evidence of anything: no p-value, where a t-test on the rounding error would give p = 1e-15.
+    same = paired_difference([17.696629213483146, 16.292134831460675], [17.134831460674157, 15.730337078651685])
+    assert same["mean"] == pytest.approx(50 / 89) and math.isnan(same["p_value"])
 
 
 def test_heatmap_questions_are_the_first_of_each_type(tmp_path):
@@ -121,10 +126,41 @@ def test_the_task_options_reach_the_data_models_and_recipes(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--task", "gridread", "--task-option", "grid=12"], "grid must be 2..9"),
     (["--task-option", "grid=3"], "--task-option applies to --task gridread"),
+    (["--rows", "sft,iva_attn"], "--rows: unknown rows ['iva_attn'] for digitgrid"),  # a GridRead-only row
+    (["--task", "gridread", "--rows", ","], "--rows: no rows given"),
 ])
 def test_bad_task_options_exit_2_with_one_message(args, message):
     proc = subprocess.run([sys.executable, str(DRIVER), *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_rows_keep_the_table_order_whatever_order_they_are_given_in():
+    assert [m.key for m in task_rows("gridread", ["tpa", "iva_attn", "sft"])] == ["sft", "tpa", "iva_attn"]
+    assert task_rows("gridread") == METHODS + GRIDREAD_EXTRA and task_rows("digitgrid") == METHODS
+
+
+@pytest.mark.distributed
+def test_reproduce_some_rows_trains_and_reports_only_those(tmp_path):
+    """``--rows`` without vanilla KD's sweep or the Align-TI row: no attention study, no capture, the checks
+    whose rows both ran."""
+    out = tmp_path / "repro"
+    cmd = [sys.executable, str(DRIVER), "--task", "gridread", "--task-option", "train_size=200",
+           "--task-option", "test_size=60", "--task-option", "val_size=20", "--seeds", "2", "--steps", "3",
+           "--teacher-steps", "4", "--rows", "tpa,sft", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [r["key"] for r in res["rows"]] == ["sft", "tpa"]
+    trained = sorted(d.name for d in out.iterdir() if (d / "seed0").is_dir())
+    assert trained == ["sft", "tpa"]  # no other row, no temperature sweep
+    assert res["kd_temperature"] is None and res["align_ti_minus_sft"] is None and res["attention"] is None
+    mech = res["mechanisms"]
+    assert mech["capture"] == {} and mech["checks"] == []  # every prediction compares a row that did not run
+    assert set(mech["rows"]) == {"sft", "tpa"} and len(mech["rows"]["tpa"]["transition_kl"]) == 2
+    md = (out / "results.md").read_text()
+    assert "No attention study" in md and "Align-TI − vanilla KD" not in md
+    with Image.open(out / "mechanisms.png") as im:
+        assert im.size[0] > 800
 
 
 @pytest.mark.distributed

@@ -44,6 +44,8 @@ def expected(question: str, labels: list[int], n: int) -> str:
     words = question.split()
     nums = [int(w) for w in words if w.isdigit()]
     rows = [labels[i * n:(i + 1) * n] for i in range(n)]
+    if "rows" in words:  # two rows, in the order asked
+        return " , ".join(" ".join(map(str, rows[k - 1])) for k in nums)
     if "cell" in words or ("row" in words and "column" in words):
         return str(rows[nums[0] - 1][nums[1] - 1])
     if ("sum" in words or "add" in words) and nums:
@@ -77,6 +79,22 @@ def test_every_answer_matches_the_digits_in_its_image(data):
             assert len(rec["cells"]) == n_cells
     assert not pools["train"] & pools["test"] and not pools["val"] & pools["test"]
     assert seen == {"cell", "row", "column", "row_sum", "where", "grid", "row_sums"}
+
+
+def test_two_rows_reads_both_rows_in_the_order_asked(tmp_path):
+    opts = GridReadOptions(grid=3, upscale=1, phrasings=3, mix={"two_rows": 1.0}, train_size=40, val_size=0,
+                           test_size=0, seed=7)
+    write_gridread(tmp_path, opts, progress=False)
+    orders = set()
+    for rec in json.loads((tmp_path / "train.json").read_text()):
+        question = rec["conversations"][0]["value"].removeprefix("<image>\n")
+        labels = [int(label) for _, label in read_cells(tmp_path / rec["image"], 3)]
+        assert rec["conversations"][1]["value"] == expected(question, labels, 3), question
+        r, s = (int(w) for w in question.split() if w.isdigit())
+        assert r != s and rec["cells"] == sorted({(r - 1) * 3 + c for c in range(3)} | {(s - 1) * 3 + c for c in range(3)})
+        assert rec["item_sep"] == "space" and len(rec["conversations"][1]["value"].split()) == 7  # 6 digits, ","
+        orders.add(r < s)
+    assert orders == {True, False}
 
 
 def test_same_options_same_bytes_other_seed_other_data(tmp_path, data):
