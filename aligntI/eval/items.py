@@ -36,6 +36,18 @@ def item_accuracy(prediction: str, reference: str, sep: str) -> float:
     return sum(p == r for p, r in zip(pred, ref)) / max(len(pred), len(ref))
 
 
+def first_error(prediction: str, reference: str, sep: str) -> tuple[int | None, int, int]:
+    """Where a prediction first leaves the reference and how it goes on: (index of the first reference item it
+    gets wrong or misses, None if none; reference items after that one; how many of those it gets right at their
+    place). A student that recovers after a mistake gets the later items right; one thrown off gets them wrong."""
+    pred, ref = answer_items(prediction, sep), answer_items(reference, sep)
+    wrong = next((i for i, r in enumerate(ref) if i >= len(pred) or pred[i] != r), None)
+    if wrong is None:
+        return None, 0, 0
+    rest = range(wrong + 1, len(ref))
+    return wrong, len(rest), sum(i < len(pred) and pred[i] == ref[i] for i in rest)
+
+
 def length_bucket(reference: str) -> str:
     n = len(normalize_answer(reference).split())
     lows = [b for b in LENGTH_BUCKETS if b <= n]

@@ -192,3 +192,40 @@ def test_reproduce_on_gridread_reports_the_mechanisms(tmp_path):
         "answer_start"
     with Image.open(out / "mechanisms.png") as im:
         assert im.size[0] > 1000
+
+
+def test_gridread_recovery_reads_a_reproduction_folder(tmp_path):
+    """The recovery diagnostic on a hand-made reproduction folder: two seeds of two rows and a teacher."""
+    refs = {"a": "1 2 , 3 4", "b": "5 6 , 7 8", "c": "9"}
+    records = [{"id": i, "category": "cell" if i == "c" else "two_rows", "item_sep": "space"} for i in refs]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.json").write_text(json.dumps(records))
+    predictions = {  # per model: the predictions of a and b (c, a cell question, is left out by --categories)
+        "vanilla_kd_T2/seed0": ("1 9 , 3 4", "0 6 , 7 8"),  # wrong at 2, then 2 of 2 right; at 1, then 3 of 3
+        "vanilla_kd_T2/seed1": ("1 9 , 0 0", "5 6 , 7 8"),  # wrong at 2, then 0 of 2 right; b right
+        "tpa/seed0": ("1 2 , 3 4", "5 6 , 7 8"),
+        "tpa/seed1": ("1 2 , 3 0", "5 6 , 7 8"),  # wrong at 4, nothing after it
+        "teacher": ("1 2 , 3 4", "5 6 , 7 8"),
+    }
+    for name, (pa, pb) in predictions.items():
+        folder = tmp_path / name / "final" / "eval"
+        folder.mkdir(parents=True)
+        lines = [{"id": "a", "prediction": pa, "reference": refs["a"]},
+                 {"id": "b", "prediction": pb, "reference": refs["b"]},
+                 {"id": "c", "prediction": "0", "reference": "9"}]
+        (folder / "test_predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "results.json").write_text(json.dumps({
+        "rows": [{"key": "vanilla_kd", "label": "Vanilla KD (T=2)"}, {"key": "tpa", "label": "+TPA"}],
+        "kd_temperature": 2.0, "preset": {"seeds": 2}, "categories": ["cell", "two_rows"]}))
+    proc = subprocess.run([sys.executable, str(DRIVER.parent / "gridread_recovery.py"), "--run", str(tmp_path),
+                           "--categories", "two_rows"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # Vanilla KD: seed 0 both wrong (first at 2 and 1: 1.50), 5 of 5 later items right; seed 1 one wrong at 2,
+    # 0 of 2 right. +TPA: seed 0 none wrong (no position, no later items: left out), seed 1 wrong at 4, nothing
+    # after it (left out).
+    assert "| Vanilla KD | 75.0 ± 35.4 | 1.75 ± 0.35 | 50.0 ± 70.7 |" in proc.stdout
+    assert "| +TPA | 25.0 ± 35.4 | 4.00 | — |" in proc.stdout
+    assert "| Teacher | 0.0 | — | — |" in proc.stdout
+    # Paired over the seeds where both rows have the measure: seed 1 only for the first wrong item (4 − 2).
+    assert "+TPA − Vanilla KD, first_wrong: +2.00 ± 0.00 SE (p = nan, 1 seeds)" in proc.stdout
+    assert "right_after" not in proc.stdout.split("first_wrong")[-1]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from aligntI.eval.items import answer_items, item_accuracy, item_scores, length_bucket
+from aligntI.eval.items import answer_items, first_error, item_accuracy, item_scores, length_bucket
 
 
 def test_items_of_each_form():
@@ -35,3 +35,12 @@ def test_scores_by_category_length_and_region():
     assert s["len:1-2"]["n"] == 1 and s["len:3-7"]["n"] == 1 and s["len:8-14"]["n"] == 1
     assert [length_bucket(" ".join("x" * n)) for n in (1, 2, 3, 7, 8, 14, 15, 30)] == \
         ["1-2", "1-2", "3-7", "3-7", "8-14", "8-14", "15+", "15+"]
+
+
+def test_first_error_says_where_the_answer_leaves_the_reference_and_what_follows():
+    assert first_error("3 5 , 1 2", "3 5 , 1 2", "space") == (None, 0, 0)
+    assert first_error("3 9 , 1 2", "3 5 , 1 2", "space") == (1, 2, 2)  # one misread digit, back on the path
+    assert first_error("3 9 , 4 2", "3 5 , 1 2", "space") == (1, 2, 1)
+    assert first_error("5 1 2", "3 5 , 1 2", "space") == (0, 3, 0)  # a skipped digit shifts every later one
+    assert first_error("3 5", "3 5 , 1 2", "space") == (2, 1, 0)  # stopped early: the rest is missing
+    assert first_error("1 8 , 2 3 , 9", "1 8 , 2 2 , 9", "comma") == (1, 1, 1)
