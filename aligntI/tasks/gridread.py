@@ -22,11 +22,12 @@ category      question (phrasing 0)       answer                                
 ============  ==========================  ===========================================  ================  =======
 
 Rows and columns are numbered from 1. ``two_rows`` is a long answer that needs addressing (9 words at 4x4): it is
-not in the default mix, so the default data stay as they were; add it with ``mix``. Every record holds its ``category``, the ``cells`` the question is about
-(row-major indices) and how its answer splits into ``items`` (``item_sep``: ``space``, each word but ``,`` an
-item; ``comma``, each ``,``-separated group), so a long answer is scored per item as well as all-or-nothing
-(:mod:`aligntI.eval.items`). Options (grid size, question mix, phrasings, answer form, upscaling) are
-:class:`GridReadOptions` (also ``address``: ``row 2 column 3`` or one word, ``r2c3``), recorded in ``gridread.json``; the same options and seed give byte-identical files.
+not in the default mix, so the default data stay as they were; add it with ``mix``. Every record holds its
+``category``, the ``cells`` the question is about (row-major indices) and how its answer splits into ``items``
+(``item_sep``: ``space``, each word but ``,`` an item; ``comma``, each ``,``-separated group), so a long answer is
+scored per item as well as all-or-nothing (:mod:`aligntI.eval.items`). Options (grid size, question mix, phrasings,
+answer form, upscaling) are :class:`GridReadOptions` (also ``address``: ``row 2 column 3`` or one word, ``r2c3``),
+recorded in ``gridread.json``; the same options and seed give byte-identical files.
 The source-digit pools per split are DigitGrid's: disjoint, so test accuracy measures unseen handwriting.
 """
 

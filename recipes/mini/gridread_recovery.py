@@ -64,14 +64,10 @@ def main() -> None:
     categories = set(args.categories.split(","))
     if not categories & set(res["categories"]):
         parser.error(f"none of {sorted(categories)} is in this run's question types {res['categories']}")
-    seeds = res["preset"]["seeds"]
-
-    def folder(key: str) -> str:  # the driver's run-directory names: vanilla KD's carry its chosen temperature
-        return f"{key}_T{res['kd_temperature']:g}" if key == "vanilla_kd" else key
-
-    rows = {r["key"]: [recovery(run / folder(r["key"]) / f"seed{s}" / "final" / "eval" / "test_predictions.jsonl",
-                                records, categories) for s in range(seeds)] for r in res["rows"]}
-    teacher = recovery(run / "teacher" / "final" / "eval" / "test_predictions.jsonl", records, categories)
+    predictions = Path("final", "eval", "test_predictions.jsonl")
+    rows = {r["key"]: [recovery(run / d / predictions, records, categories) for d in r["run_dirs"]]
+            for r in res["rows"]}
+    teacher = recovery(run / res["teacher_dir"] / predictions, records, categories)
     labels = {r["key"]: r["label"].split(" (")[0] for r in res["rows"]}
     print(f"{args.run}: {sorted(categories & set(res['categories']))}, {teacher['answers']} test answers\n")
     print("| method | answers with a wrong item (%) | first wrong item (position) | items right after it (%) |")

@@ -100,6 +100,7 @@ def summarise(repro, scores: dict[str, list[dict]]) -> dict:
             "all": mean_std([s["all"] for s in per_seed]),
             "categories": {c: mean_std([s[c] for s in per_seed]) for c in categories},
             "per_seed": [s["all"] for s in per_seed],
+            "run_dirs": [str(d.relative_to(repro.out)) for d in repro.runs[m.key]],  # per seed, as reported
             "losses": {k: statistics.mean(d[k] for d in ls) for ls in
                        [[final_losses(r) for r in repro.runs[m.key]]] for k in ls[0]},
         })
@@ -114,7 +115,7 @@ def summarise(repro, scores: dict[str, list[dict]]) -> dict:
         "task_options": vars(repro.task.options) if repro.task.options else None,
         "preset": vars(repro.preset), "ranks_per_job": repro.ranks_per_job, "cores": repro.cores,
         "slots": max(1, repro.cores // repro.ranks_per_job), "wall_minutes": training_minutes(repro.out),
-        "teacher": scores["teacher"][0],
+        "teacher": scores["teacher"][0], "teacher_dir": str(repro.teacher_dir.relative_to(repro.out)),
         "rows": rows,
         "kd_temperature": repro.temperature,
         "kd_sweep_val": {f"{t:g}": v for t, v in repro.sweep.items()},
@@ -282,7 +283,6 @@ def format_markdown(summary: dict, attention: dict, minutes: float) -> str:
         lines += ["No attention study: it reads the IVA layer from the Align-TI row's calibration, and `--rows` "
                   "left that row out.", ""]
     close = attention["closeness"] if attention is not None else {}
-    no_close = {"cosine": None, "tv": None}
     lines += [
         "| method | final loss terms (last 10% of steps, mean over seeds) | top-1 agreement | s/step | attention cosine to teacher | attention TV to teacher |",
         "|---|---|---|---|---|---|",
@@ -294,9 +294,9 @@ def format_markdown(summary: dict, attention: dict, minutes: float) -> str:
         ls = r["losses"]
         terms = ", ".join(f"{k} {ls[k]:.3f}" for k in ("sft", "kd", "iva", "tpa") if k in ls) or f"sft {ls['loss']:.3f}"
         agree = f"{ls['top1_agreement']:.3f}" if "top1_agreement" in ls else ""
-        c = close.get(r["key"], no_close)
-        lines.append(f"| {r['label']} | {terms} | {agree} | {ls['step_time_s']:.3f} | "
-                     + " | ".join(_pm(c[k], 3) if c[k] else "—" for k in ("cosine", "tv")) + " |")
+        c = close.get(r["key"])
+        attn = f"{_pm(c['cosine'], 3)} | {_pm(c['tv'], 3)}" if c else "— | —"
+        lines.append(f"| {r['label']} | {terms} | {agree} | {ls['step_time_s']:.3f} | {attn} |")
     lines.append("")
     if attention is not None:
         lines += [

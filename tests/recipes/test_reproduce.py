@@ -73,6 +73,8 @@ def test_reproduce_runs_every_row_over_seeds_and_reports(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert [r["key"] for r in res["rows"]] == [m.key for m in METHODS]
     assert all(len(r["per_seed"]) == 2 for r in res["rows"])
+    kd_row = next(r for r in res["rows"] if r["key"] == "vanilla_kd")
+    assert kd_row["run_dirs"] == [f"vanilla_kd_T{res['kd_temperature']:g}/seed{s}" for s in (0, 1)]
 
     # Every student job ran with its seed, its own initial weights and the teacher; the seeds' weights differ.
     job = json.loads((out / "align_ti" / "seed1" / "job.json").read_text())["settings"]
@@ -215,8 +217,10 @@ def test_gridread_recovery_reads_a_reproduction_folder(tmp_path):
                  {"id": "c", "prediction": "0", "reference": "9"}]
         (folder / "test_predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (tmp_path / "results.json").write_text(json.dumps({
-        "rows": [{"key": "vanilla_kd", "label": "Vanilla KD (T=2)"}, {"key": "tpa", "label": "+TPA"}],
-        "kd_temperature": 2.0, "preset": {"seeds": 2}, "categories": ["cell", "two_rows"]}))
+        "rows": [{"key": "vanilla_kd", "label": "Vanilla KD (T=2)",
+                  "run_dirs": ["vanilla_kd_T2/seed0", "vanilla_kd_T2/seed1"]},
+                 {"key": "tpa", "label": "+TPA", "run_dirs": ["tpa/seed0", "tpa/seed1"]}],
+        "teacher_dir": "teacher", "categories": ["cell", "two_rows"]}))
     proc = subprocess.run([sys.executable, str(DRIVER.parent / "gridread_recovery.py"), "--run", str(tmp_path),
                            "--categories", "two_rows"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
