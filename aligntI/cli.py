@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from aligntI.config import ConfigError, IRSConfig
+from aligntI.config import ConfigError, IRSConfig, load_recipe
 from aligntI.errors import run_reporting_errors
+from aligntI.models.assemble import DTYPES, AssembleError, assemble
+from aligntI.yamlconf import ChatTemplate, RecipePath, load
 
 
 def cmd_plan(args) -> int:
@@ -18,14 +22,53 @@ def cmd_plan(args) -> int:
     return print_plan(args.config, args.overrides, args.world_size, args.gpu_memory_gib, args.train_samples)
 
 
+# The flags of `aligntI irs` that a --config recipe gives instead (None when not given).
+IRS_RECIPE_FLAGS = ("model", "data", "images", "samples", "seed", "pairing", "queries", "chat_template", "attn",
+                    "max_length")
+
+
+def given(args, names) -> dict:
+    """The flags among ``names`` given on the command line (a flag left out is None and takes the default of
+    what it fills, so the default is written once)."""
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
 def cmd_irs(args) -> int:
     """IRS of every layer of a model on calibration samples: table, irs.json, irs.png, the chosen layer."""
     from aligntI.irs import run_irs
 
-    irs = IRSConfig(samples=args.samples, pairing=args.pairing, data=args.data, images=args.images)
-    run_irs(args.model, irs, attn=args.attn, chat_template=args.chat_template, max_length=args.max_length,
-            batch_size=args.batch_size, seed=args.seed, out=args.out, queries=args.queries)
+    model, irs, options = irs_from_recipe(args) if args.config else irs_from_flags(args)
+    run_irs(model, irs, out=args.out, **options)
     return 0
+
+
+def irs_from_flags(args) -> tuple[str, IRSConfig, dict]:
+    if args.overrides:
+        raise ConfigError(f"irs: overrides {args.overrides} only apply to --config recipes")
+    if not args.model or not args.data:
+        raise ConfigError("irs: --model and --data are required (or --config)")
+    irs = IRSConfig(**given(args, ("samples", "pairing", "data", "images")))
+    options = given(args, ("attn", "chat_template", "max_length", "batch_size", "seed", "queries"))
+    return args.model, irs, options
+
+
+def irs_from_recipe(args) -> tuple[str, IRSConfig, dict]:
+    """The teacher, calibration data and settings of a distillation recipe, as its ``iva.layer: auto`` reads
+    them at start-up (the first training source unless ``irs.data``; the micro-batch unless --batch-size)."""
+    clash = [f"--{k.replace('_', '-')}" for k in given(args, IRS_RECIPE_FLAGS)]
+    if clash:
+        raise ConfigError(f"irs: with --config, the recipe gives {', '.join(clash)}; change it there or with "
+                          "overrides (e.g. irs.samples=64)")
+    cfg = load_recipe(args.config, args.overrides)
+    if cfg.teacher is None:
+        raise ConfigError(f"irs: {args.config} has no teacher: section; --config takes a distillation recipe")
+    irs = cfg.irs
+    if irs.data is None:
+        irs = dataclasses.replace(irs, data=cfg.data.train[0].path, images=cfg.data.train[0].images)
+    return cfg.teacher.path, irs, {
+        "attn": cfg.teacher.attn_implementation.text, "chat_template": cfg.data.chat_template,
+        "max_length": cfg.data.max_length, "batch_size": args.batch_size or cfg.train.micro_batch_size,
+        "seed": cfg.seed, "queries": cfg.iva.queries}
 
 
 def cmd_digitgrid(args) -> int:
@@ -49,21 +92,61 @@ def cmd_init_model(args) -> int:
     return 0
 
 
+def default_of(function, name: str):
+    """A flag's default is the default of the parameter it fills, so it is written once."""
+    return inspect.signature(function).parameters[name].default
+
+
+@dataclass
+class AssembleRecipe:
+    """``aligntI assemble --config`` (recipes/paper/assemble.yaml): the parts and the output of one starting
+    model. Its paths follow the recipes' rule: relative ones are relative to the repository root. The keys left
+    out take the defaults of :func:`aligntI.models.assemble.assemble`."""
+
+    vision: RecipePath  # SigLIP or CLIP checkpoint directory with its preprocessor_config.json
+    llm: RecipePath  # causal LM checkpoint directory with its tokenizer
+    out: RecipePath  # the LLaVA model directory written
+    chat_template: ChatTemplate = default_of(assemble, "chat_template")  # saved with the processor
+    dtype: str = default_of(assemble, "dtype")  # of the saved weights
+    seed: int = default_of(assemble, "seed")  # of the projector's random initialisation
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
+
+
+def assemble_recipe(args) -> AssembleRecipe:
+    """``--config`` with its overrides, or the flags (their paths relative to the current folder, as any
+    command's); not both."""
+    flags = given(args, [f.name for f in dataclasses.fields(AssembleRecipe)])
+    if args.config:
+        if flags:
+            raise ConfigError(f"assemble: give --config (an assemble recipe) or the flags, not both (got "
+                              f"{', '.join('--' + k.replace('_', '-') for k in flags)})")
+        return load(args.config, args.overrides, AssembleRecipe)
+    if args.overrides:
+        raise ConfigError(f"assemble: overrides {args.overrides} only apply to --config recipes")
+    missing = [f"--{k}" for k in ("vision", "llm", "out") if k not in flags]
+    if missing:
+        raise ConfigError(f"assemble: {', '.join(missing)} required (or --config)")
+    recipe = AssembleRecipe(**flags)
+    recipe.validate()
+    return recipe
+
+
 def cmd_assemble(args) -> int:
     """The paper's starting LLaVA model: a pretrained vision tower + a seeded random projector + a pretrained LLM."""
-    from aligntI.models.assemble import AssembleError, assemble
-
+    r = assemble_recipe(args)
     try:
-        s = assemble(args.vision, args.llm, args.out, chat_template=args.chat_template, dtype=args.dtype,
-                     seed=args.seed)
+        s = assemble(r.vision, r.llm, r.out, chat_template=r.chat_template, dtype=r.dtype, seed=r.seed)
     except (AssembleError, FileNotFoundError) as err:
         print(f"aligntI assemble: {err}", file=sys.stderr)
         return 2
     p = s["params"]
     added = ", embeddings resized for <image>" if s["resized_embeddings"] else ""
     print(f"wrote a {s['dtype']} LLaVA model to {s['out']}: {s['vision']} vision {p['vision']:,} params (from "
-          f"{args.vision}) + projector {p['projector']:,} (random, seed {args.seed}) + {s['llm']} LLM "
-          f"{p['llm']:,} (from {args.llm}{', tied embeddings' if s['tied_embeddings'] else ''}{added}); "
+          f"{r.vision}) + projector {p['projector']:,} (random, seed {r.seed}) + {s['llm']} LLM "
+          f"{p['llm']:,} (from {r.llm}{', tied embeddings' if s['tied_embeddings'] else ''}{added}); "
           f"{s['image_tokens']} image tokens per image (<image> = id {s['image_token_id']})")
     return 0
 
@@ -166,11 +249,6 @@ def cmd_attention_maps(args) -> int:
     return 0
 
 
-def default_of(function, name: str):
-    """A flag's default is the default of the parameter it fills, so it is written once."""
-    return inspect.signature(function).parameters[name].default
-
-
 def build_parser() -> argparse.ArgumentParser:
     from aligntI.config import EvalConfig
     from aligntI.eval.attention_maps import compute_attention_maps
@@ -178,7 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
     from aligntI.eval.recipe import EvalRecipe
     from aligntI.irs import run_irs
     from aligntI.losses.iva import QUERY_ROWS
-    from aligntI.models.assemble import assemble
     from aligntI.plan import GPU_MEMORY_GIB
     from aligntI.tasks.digitgrid import write_digitgrid
 
@@ -197,20 +274,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("irs", help="instruction-relevance score of every layer; picks the IVA layer")
-    p.add_argument("--model", required=True, help="HF model directory (the teacher)")
-    p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL calibration samples")
+    p.add_argument("--config", default=None,
+                   help="a distillation recipe: its teacher, calibration data (irs.data, else the first training "
+                        "source) and settings, as its iva.layer: auto reads them; instead of the flags up to "
+                        "--max-length")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the --config recipe")
+    # None: the default of what the flag fills (IRSConfig, run_irs), shown in the help.
+    p.add_argument("--model", default=None, help="HF model directory (the teacher)")
+    p.add_argument("--data", default=None, help="LLaVA-format JSON/JSONL calibration samples")
     p.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
-    p.add_argument("--samples", type=int, default=IRSConfig.samples,
-                   help="a random sample of N records of --data (all of them if fewer; the same count per rank)")
-    p.add_argument("--seed", type=int, default=default_of(run_irs, "seed"),
-                   help="seed of the sample (default: %(default)s, as in a recipe)")
-    p.add_argument("--pairing", choices=["any", "same_image"], default=IRSConfig.pairing)
-    p.add_argument("--queries", choices=QUERY_ROWS, default=default_of(run_irs, "queries"),
-                   help="the focus's query rows, as a recipe's iva.queries (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="a random sample of N records of --data (all of them if fewer; the same count per rank; "
+                        f"default: {IRSConfig.samples})")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the sample (default: {default_of(run_irs, 'seed')}, as in a recipe)")
+    p.add_argument("--pairing", choices=["any", "same_image"], default=None,
+                   help=f"default: {IRSConfig.pairing}")
+    p.add_argument("--queries", choices=QUERY_ROWS, default=None,
+                   help="the focus's query rows, as a recipe's iva.queries (default: "
+                        f"{default_of(run_irs, 'queries')})")
     p.add_argument("--chat-template", default=None, help="template name or .jinja (default: the processor's)")
-    p.add_argument("--attn", default=default_of(run_irs, "attn"), help="text attention backend")
-    p.add_argument("--batch-size", type=int, default=default_of(run_irs, "batch_size"))
-    p.add_argument("--max-length", type=int, default=default_of(run_irs, "max_length"))
+    p.add_argument("--attn", default=None, help=f"text attention backend (default: {default_of(run_irs, 'attn')})")
+    p.add_argument("--max-length", type=int, default=None, help=f"default: {default_of(run_irs, 'max_length')}")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"default: {default_of(run_irs, 'batch_size')}; with --config, the recipe's micro-batch")
     p.add_argument("--out", default=None, help="output folder (default: <model>/irs)")
     p.set_defaults(func=cmd_irs)
 
@@ -230,16 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("assemble", help="the starting LLaVA model from a SigLIP/CLIP checkpoint and an LLM "
                                         "checkpoint (random projector), with its processor")
-    p.add_argument("--vision", required=True, help="SigLIP or CLIP checkpoint directory (full model or vision "
-                                                   "half) with its preprocessor_config.json")
-    p.add_argument("--llm", required=True, help="causal LM checkpoint directory with its tokenizer (e.g. Qwen2.5)")
-    p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--chat-template", default=default_of(assemble, "chat_template"),
-                   help="template name or .jinja (saved with the processor)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=default_of(assemble, "dtype"),
-                   help="dtype of the saved weights")
-    p.add_argument("--seed", type=int, default=default_of(assemble, "seed"),
-                   help="seed of the projector's random initialisation")
+    p.add_argument("--config", default=None, help="assemble recipe YAML (recipes/paper/assemble.yaml), instead of "
+                                                  "the flags")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the --config recipe")
+    # None: the default of AssembleRecipe (that is, of assemble()), shown in the help.
+    p.add_argument("--vision", default=None, help="SigLIP or CLIP checkpoint directory (full model or vision "
+                                                  "half) with its preprocessor_config.json")
+    p.add_argument("--llm", default=None, help="causal LM checkpoint directory with its tokenizer (e.g. Qwen2.5)")
+    p.add_argument("--out", default=None, help="output model directory")
+    p.add_argument("--chat-template", default=None,
+                   help="template name or .jinja (saved with the processor; default: "
+                        f"{AssembleRecipe.chat_template})")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help=f"dtype of the saved weights (default: {AssembleRecipe.dtype})")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the projector's random initialisation (default: {AssembleRecipe.seed})")
     p.set_defaults(func=cmd_assemble)
 
     p = sub.add_parser("export", help="write an HF model directory from a run's checkpoint (fp32, offline)")

@@ -2,9 +2,11 @@
 arithmetic.
 
 Loading is :mod:`aligntI.yamlconf`'s (strict: unknown keys, wrong types and inconsistent values raise
-:class:`ConfigError` naming the file and the key). Nothing here mutates what the user wrote: derived values
-(gradient accumulation, world size) are computed in :func:`resolve_batching`, which needs the world size and
-so runs after distributed start-up.
+:class:`ConfigError` naming the file and the key). Fields typed ``RecipePath`` (``ChatTemplate``: a ``.jinja``
+value) are paths: a relative one, in the file or an override, is relative to the repository root, not to the
+current folder, and is absolute once loaded; ``~`` is expanded, an absolute path stays as given. Nothing here
+mutates what the user wrote: derived values (gradient accumulation, world size) are computed in
+:func:`resolve_batching`, which needs the world size and so runs after distributed start-up.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from aligntI.yamlconf import ConfigError, load, read_utf8
-from aligntI.yamlconf import dump_yaml as dump_yaml  # re-exported: the package imports these from here
-from aligntI.yamlconf import from_dict as from_dict
+from aligntI.yamlconf import ChatTemplate, ConfigError, RecipePath, load, read_utf8
+from aligntI.yamlconf import from_dict as from_dict  # re-exported: the package imports it from here
 
 TRAINABLE_PARTS = ("vision_tower", "projector", "llm")
 
@@ -32,7 +33,7 @@ class AttentionConfig:
 
 @dataclass
 class ModelConfig:
-    path: str
+    path: RecipePath
     attn_implementation: AttentionConfig = field(default_factory=AttentionConfig)
     trainable: list[str] = field(default_factory=lambda: ["projector", "llm"])
     activation_checkpointing: bool = False
@@ -49,8 +50,8 @@ class ModelConfig:
 class DataSource:
     """One LLaVA-format JSON/JSONL file; ``weight`` scales how often it is drawn per epoch."""
 
-    path: str
-    images: str | None = None  # image folder; default: the folder holding ``path``
+    path: RecipePath
+    images: RecipePath | None = None  # image folder; default: the folder holding ``path``
     weight: float = 1.0
     max_samples: int | None = None  # keep only the first N records (e.g. a student's data subset)
 
@@ -65,7 +66,7 @@ class DataConfig:
     """
 
     train: list[DataSource]
-    chat_template: str | None = None  # shipped template name or a .jinja path; None: the processor's own
+    chat_template: ChatTemplate | None = None  # a shipped template's name or a .jinja; None: the processor's
     max_length: int = 2048
     padding_side: Literal["right", "left"] = "right"
     on_bad_sample: Literal["error", "skip"] = "error"
@@ -142,7 +143,7 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    ds_config: str  # JSON under ds_configs/: ZeRO (its stage too) and communication settings
+    ds_config: RecipePath  # JSON under ds_configs/: ZeRO (its stage too) and communication settings
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 
@@ -150,8 +151,8 @@ class EngineConfig:
 class EvalConfig:
     """Exact match of greedy answers on a LLaVA file: a recipe's ``eval:``, or ``aligntI eval --data``."""
 
-    data: str
-    images: str | None = None
+    data: RecipePath
+    images: RecipePath | None = None
     max_new_tokens: int = 16
     batch_size: int = 64
     max_samples: int | None = None
@@ -167,7 +168,7 @@ class EvalConfig:
 class TeacherConfig:
     """The frozen model distilled from: its own DeepSpeed engine, no optimizer."""
 
-    path: str
+    path: RecipePath
     attn_implementation: AttentionConfig = field(default_factory=AttentionConfig)
     # sharded: ZeRO-3 over the ranks, gathered layer by layer in each forward; replicated: whole on every
     # rank, no gathers (for a teacher that fits beside the student); offload: sharded, held in CPU memory
@@ -302,8 +303,8 @@ class IRSConfig:
 
     samples: int = 256
     pairing: Literal["any", "same_image"] = "any"
-    data: str | None = None  # LLaVA JSON/JSONL; default: the first training source
-    images: str | None = None
+    data: RecipePath | None = None  # LLaVA JSON/JSONL; default: the first training source
+    images: RecipePath | None = None
 
     def validate(self) -> None:
         if self.samples < 2:
@@ -327,7 +328,7 @@ class LoggingConfig:
 
 @dataclass
 class RecipeConfig:
-    run_dir: str
+    run_dir: RecipePath
     model: ModelConfig
     data: DataConfig
     optim: OptimConfig
@@ -335,6 +336,8 @@ class RecipeConfig:
     engine: EngineConfig
     seed: int = 0
     resume: Literal["auto", "never"] = "auto"
+    # Keys (or sections) a restart may change against its checkpoint's recipe (aligntI/training/resume.py).
+    accept_changes: list[str] = field(default_factory=list)
     eval: EvalConfig | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Distillation: a teacher turns the recipe into KD; the loss sections below need one.
@@ -358,6 +361,7 @@ class RecipeConfig:
             given = [k for k in distill_sections if getattr(self, k) is not None]
             if given:
                 raise ConfigError(f"{given[0]}: distillation settings need a teacher (add a teacher: section)")
+            self._check_accept_changes()
             return
         # Defaults are filled in so the resolved config.yaml shows every value in effect.
         self.loss = self.loss or LossWeights()
@@ -369,6 +373,23 @@ class RecipeConfig:
             getattr(self, key).validate()
         if self.loss.sft + self.loss.kd + self.loss.iva + self.loss.tpa == 0:
             raise ConfigError("loss: every weight is 0; nothing would train")
+        self._check_accept_changes()
+
+    def _check_accept_changes(self) -> None:
+        keys = _dotted_keys(dataclasses.asdict(self))
+        for i, name in enumerate(self.accept_changes):
+            if not any(k == name or k.startswith(name + ".") for k in keys):
+                raise ConfigError(f"accept_changes.{i}: {name!r} names no key of this recipe")
+
+
+def _dotted_keys(tree, prefix: str = "") -> list[str]:
+    """Every key of a nested mapping as ``a.b`` (list items as ``a.0``), sections included."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    keys = []
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix else str(key)
+        keys += [name, *_dotted_keys(value, name)]
+    return keys
 
 
 def zero_stage(ds: dict) -> int:

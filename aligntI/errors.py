@@ -19,6 +19,7 @@ from aligntI.config import ConfigError
 from aligntI.data.records import DataError
 from aligntI.models.compat import IncompatibleModelsError
 from aligntI.models.loading import ModelDirError
+from aligntI.training.interrupts import Interrupted
 
 DEBUG_ENV = "ALIGNTI_DEBUG"  # =1: a reported error also prints its traceback
 BAD_INPUT = ((ConfigError, "config error: "), (DataError, "data error: "), (ModelDirError, "model error: "),
@@ -30,6 +31,11 @@ def run_reporting_errors(command: Callable[[], int]) -> int:
     """Run ``command``; bad input becomes one line on stderr and exit code 2 (see the module docstring)."""
     try:
         return command()
+    except Interrupted as err:  # every rank was told; one line is enough
+        if int(os.environ.get("RANK", "0")) == 0:
+            _close_progress_bars()
+            print(f"aligntI: {err}", file=sys.stderr, flush=True)
+        return err.code
     except tuple(cls for cls, _ in BAD_INPUT) as err:
         label = next(label for cls, label in BAD_INPUT if isinstance(err, cls))
         return report(err, f"{label}{err}", 2)

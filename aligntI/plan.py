@@ -25,6 +25,7 @@ from aligntI.config import (
     resolve_batching,
     zero_stage,
 )
+from aligntI.machine import machine_lines
 
 GIB = 2**30
 GPU_MEMORY_GIB = 80.0  # per-GPU memory a plan is checked against (an 80 GB A100/H100); --gpu-memory-gib
@@ -619,4 +620,5 @@ def print_plan(config: str, overrides: list[str], world_size: int | None = None,
                      gpu_memory_gib=GPU_MEMORY_GIB if gpu_memory_gib is None else gpu_memory_gib,
                      train_samples=train_samples)
     print(format_plan(plan), flush=True)
+    print("\n" + "\n".join(machine_lines(load_recipe(config, overrides))), flush=True)
     return 0

@@ -182,12 +182,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_torchrun(args: list[str], node_rank: int) -> int:
     """torchrun's agent, in this process: a failed rank ends it with that rank's exit code (2 for bad input)
-    and one line, where the ``torchrun`` command exits 1 with a traceback of its own after the rank's message."""
+    and one line, where the ``torchrun`` command exits 1 with a traceback of its own after the rank's message;
+    SIGINT/SIGTERM (``scancel``) likewise end it with one line once the ranks have checkpointed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     try:
         run(parse_args(args))
+    except SignalException as err:  # the agent has passed it on and waited for the ranks, which checkpoint
+        print(f"[aligntI.slurm] node {node_rank}: {err.sigval.name}; the ranks were told and have ended",
+              file=sys.stderr, flush=True)
+        return 128 + err.sigval
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         how = f"exit code {failure.exitcode}" if failure.exitcode > 0 else f"signal {-failure.exitcode}"

@@ -1,8 +1,13 @@
 """Strict YAML configs bound to dataclasses, for any schema.
 
 A file may extend others (``base:``), use ``${name}`` for ``vars.name`` and take ``dotted.key=value``
-overrides; :func:`load` binds the result to a dataclass, checking every key and type, and runs its
-``validate()``. Every problem is a :class:`ConfigError` naming the file and the key.
+overrides; :func:`load` binds the result to a dataclass, checking every key and type, makes the paths absolute
+and runs its ``validate()``. Every problem is a :class:`ConfigError` naming the file and the key.
+
+Paths: a field typed :data:`RecipePath` (or :data:`ChatTemplate`) holds a path. A relative one, whether written
+in the file, a base or an override, is relative to the repository root (:data:`REPO_ROOT`), never to the current
+folder, so a recipe means the same from anywhere; ``~`` is expanded and an absolute path stays as given.
+``base:`` files are the exception: they are relative to the file that names them.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -21,9 +26,39 @@ class ConfigError(ValueError):
     """A config is malformed: the message names the file and the key."""
 
 
+# The checkout holding the package (always installed editable from it): what relative recipe paths start from.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class PathMarker:
+    """The mark of a path field in a schema: :func:`load` resolves it (see the module docstring).
+
+    ``suffix``: only values with this suffix are paths; any other value is a name and stays as given.
+    """
+
+    suffix: str | None = None
+
+    def resolve(self, value: str, key: str) -> str:
+        if (self.suffix is not None and Path(value).suffix != self.suffix) or Path(value).is_absolute():
+            return value
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # ~user of no such user
+            raise ConfigError(f"{key}: cannot expand the ~ of {value!r}: no such user") from None
+        return str(path if path.is_absolute() else REPO_ROOT / path)
+
+
+RecipePath = Annotated[str, PathMarker()]
+# A shipped chat template's name, or a .jinja file: only the file is a path (aligntI/data/formatting.py tells
+# them apart by that suffix).
+ChatTemplate = Annotated[str, PathMarker(".jinja")]
+
+
 def load(path: str | Path, overrides: list[str] | None, schema: type):
     """Read ``path`` (with its ``base:`` files), apply ``a.b=value`` overrides, substitute ``${vars}``, build
-    ``schema`` from the result and run its ``validate()`` when it has one."""
+    ``schema`` from the result, resolve its path fields (:func:`resolve_paths`) and run its ``validate()`` when it
+    has one."""
     path = Path(path)
     raw = read_composed(path)
     try:
@@ -37,6 +72,7 @@ def load(path: str | Path, overrides: list[str] | None, schema: type):
                     from None
         raw = substitute_vars(raw)
         cfg = from_dict(schema, raw)
+        resolve_paths(cfg)  # before validate(), which may open them
         if hasattr(cfg, "validate"):
             cfg.validate()
     except ConfigError as err:
@@ -187,6 +223,31 @@ def from_dict(cls: type, data: Any, where: str = ""):
     return cls(**kwargs)
 
 
+def resolve_paths(cfg, where: str = "") -> None:
+    """Resolve, in place, every field of the dataclass tree ``cfg`` whose type carries a :class:`PathMarker`
+    (also inside ``X | None``, lists and nested dataclasses)."""
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
+        key = f"{where}.{f.name}" if where else f.name
+        setattr(cfg, f.name, _resolved(hints[f.name], getattr(cfg, f.name), key))
+
+
+def _resolved(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        marker = next((m for m in tp.__metadata__ if isinstance(m, PathMarker)), None)
+        return marker.resolve(value, key) if marker is not None and isinstance(value, str) else value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):  # each option acts only on a value of its own kind
+            value = _resolved(option, value, key)
+        return value
+    if origin is list and isinstance(value, list):
+        return [_resolved(typing.get_args(tp)[0], v, f"{key}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp) and isinstance(value, tp):
+        resolve_paths(value, key)
+    return value
+
+
 def _coerce(tp: Any, value: Any, key: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -237,10 +298,3 @@ def _coerce(tp: Any, value: Any, key: str):
         return value
     raise TypeError(f"{key}: unsupported schema type {tp!r}")
 
-
-def dump_yaml(cfg, path: str | Path, extra: dict | None = None) -> None:
-    """Write the fully resolved config (plus derived values under ``resolved``) so a run documents itself."""
-    payload = dataclasses.asdict(cfg)
-    if extra:
-        payload["resolved"] = extra
-    Path(path).write_text(yaml.safe_dump(payload, sort_keys=False))

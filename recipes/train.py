@@ -13,6 +13,7 @@ the objective the loop calls per micro-batch (aligntI/training/objective.py). Ev
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,14 +25,15 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from aligntI import engine
-from aligntI.config import Batching, RecipeConfig, dump_yaml, load_recipe, resolve_batching
+from aligntI.config import Batching, RecipeConfig, load_recipe, resolve_batching
 from aligntI.data.loader import build_encoder, build_train_loader
 from aligntI.errors import run_reporting_errors
 from aligntI.eval.generation import evaluate_exact_match, load_eval_items
 from aligntI.hooks import attention as capture
 from aligntI.models.compat import check_compatible
 from aligntI.models.loading import load_model, load_processor, param_groups, set_trainable
-from aligntI.training import state
+from aligntI.training import resume, state
+from aligntI.training.interrupts import Interrupts
 from aligntI.training.metrics import MetricsLog, plot_loss_curve
 from aligntI.training.objective import DistillObjective, SFTObjective
 from aligntI.training.schedule import cosine_with_warmup, warmup_steps_for
@@ -67,6 +69,7 @@ class Run:
     objective: SFTObjective | DistillObjective
     start_step: int
     total_steps: int
+    recipe: dict  # what a restart compares with (aligntI/training/resume.py), kept in every checkpoint
     data_counts: state.DataCounts
     eval_items: list | None
     metrics: MetricsLog | None  # rank 0 only
@@ -93,13 +96,17 @@ def build(cfg: RecipeConfig, overrides: list[str]) -> Run:
     batching = resolve_batching(cfg.train, dist.world_size)
     ds_config = engine.build_ds_config(cfg.engine, batching)
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+    # A restart is checked against the recipe its checkpoint was trained under; the run folder is written only
+    # once every check has passed (after the checkpoint has loaded).
+    point = state.resume_point(ckpt_dir, cfg.resume)
+    recipe = resume.comparable(cfg, ds_config)
+    verdict = None
+    if point.tag is not None and point.recipe is not None:
+        verdict = resume.check_restart(point.recipe, recipe, cfg.accept_changes, ckpt_dir / point.tag)
+    if state.resharded(point, dist.world_size, ds_config):  # written on another number of ranks (a requeue)
+        ds_config = engine.universal_loading(ds_config)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, run_dir / "config.yaml", extra={
-            "world_size": dist.world_size, "gradient_accumulation_steps": batching.gradient_accumulation_steps,
-            "overrides": overrides, "deepspeed": ds_config,
-        })
-    engine.barrier()
+        run_dir.mkdir(parents=True, exist_ok=True)  # an unusable run_dir fails now, not after the models load
     state.seed_everything(cfg.seed + dist.rank)
     ev = cfg.eval  # a bad evaluation file fails now, not after training
     eval_items = None if ev is None else load_eval_items(ev.data, ev.images, ev.category_key, ev.max_samples,
@@ -107,7 +114,7 @@ def build(cfg: RecipeConfig, overrides: list[str]) -> Run:
     processor = load_processor(cfg.model.path)
 
     # Data: indexed and checked here; the order is fixed by (seed, epoch), so resuming needs only the step.
-    resume_tag, start_step = state.resume_point(ckpt_dir, cfg.resume, batching)
+    start_step = point.step
     per_rank_step = batching.micro_batch_size * batching.gradient_accumulation_steps
     loader, sampler = build_train_loader(
         processor, cfg.data, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
@@ -128,14 +135,24 @@ def build(cfg: RecipeConfig, overrides: list[str]) -> Run:
     student = engine.StudentEngine(model, param_groups(model, cfg.optim), cfg.optim, ds_config,
                                    cosine_with_warmup(total_steps, warmup, cfg.optim.min_lr_ratio))
     data_counts = state.DataCounts()
-    if resume_tag is not None:
-        data_counts = state.restore(student, ckpt_dir, resume_tag, dist.rank)
+    if point.tag is not None:
+        data_counts = state.restore(student, ckpt_dir, point, cfg.model.path, dist)
+    # Every check has passed: the run folder is written from here on.
+    if dist.is_main:
+        resume.record_start(run_dir, cfg, {
+            "world_size": dist.world_size, "gradient_accumulation_steps": batching.gradient_accumulation_steps,
+            "overrides": overrides, "deepspeed": ds_config,
+        }, verdict, point.step, None if point.tag is None else ckpt_dir / point.tag)
+    engine.barrier()
     metrics = None
     if dist.is_main:
         metrics = MetricsLog(run_dir / "metrics.jsonl", start_step, open_trackers(cfg.logging, run_dir, start_step))
     log = partial(say, dist)
-    if resume_tag is not None:
-        log(f"resumed from {ckpt_dir / resume_tag} at step {start_step}")
+    if point.tag is not None:
+        log(f"resumed from {ckpt_dir / point.tag} at step {start_step}"
+            + ("" if point.recipe is not None else " (a checkpoint without its recipe: not compared)"))
+        for line in resume.describe(verdict, point, total_steps, cfg.optim):
+            log(line)
     log(f"world {dist.world_size} | micro {batching.micro_batch_size} x accum "
         f"{batching.gradient_accumulation_steps} x ranks = global {batching.global_batch_size} | "
         f"{total_steps} steps ({sampler.steps_per_epoch}/epoch) | trainable "
@@ -157,8 +174,8 @@ def build(cfg: RecipeConfig, overrides: list[str]) -> Run:
             f"placement {placement}, no optimizer, eval mode")
         objective = DistillObjective(cfg, teacher, student, processor, shared, dist, accumulation,
                                      resumed=start_step > 0, log=log)
-    return Run(cfg, dist, batching, processor, loader, student, objective, start_step, total_steps, data_counts,
-               eval_items, metrics)
+    return Run(cfg, dist, batching, processor, loader, student, objective, start_step, total_steps, recipe,
+               data_counts, eval_items, metrics)
 
 
 def train_step(run: Run, micro: list[dict], step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -174,17 +191,21 @@ def train_step(run: Run, micro: list[dict], step: int) -> tuple[dict[str, torch.
     return sums, plan.counts
 
 
-def train(run: Run) -> bool:
-    """The remaining steps; False when a stop request ended the run early (after a checkpoint)."""
+def train(run: Run, interrupts: Interrupts) -> str:
+    """The remaining steps. Returns ``finished``, or ``stopped`` (``run_dir/stop_request``) or ``interrupted``
+    (SIGINT/SIGTERM, :mod:`aligntI.training.interrupts`) after checkpointing the step every rank finished."""
     cfg, dist, student = run.cfg, run.dist, run.student
     ckpt_dir, stop_request = run.run_dir / "checkpoints", run.run_dir / state.STOP_REQUEST
 
-    def save(step: int) -> None:
-        path = state.save(student, ckpt_dir, step, run.data_counts, run.batching, dist.rank, cfg.train.keep_last)
+    def save(step: int) -> Path:
+        path = state.save(student, ckpt_dir, step, run.data_counts, run.batching, dist.rank, cfg.train.keep_last,
+                          run.recipe, run.total_steps)
         run.log(f"checkpoint {path}")
+        return path
 
     batches = iter(run.loader)
     student.train()
+    on_gpu = dist.device.type == "cuda"
     bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not dist.is_main,
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)  # files: a line per 30 s
     for step in range(run.start_step + 1, run.total_steps + 1):
@@ -196,9 +217,10 @@ def train(run: Run) -> bool:
         seen_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
         names = sorted(sums)
         local = torch.stack([sums[k].double() for k in names]).tolist() if names else []  # one host sync
-        # The stop request rides on the step's one reduction, so every rank sees the same answer.
-        totals = engine.all_reduce_sum(local + [seen_tokens, float(stop_request.exists())], dist.device)
-        stop = totals.pop() > 0
+        # Stop requests and signals ride on the step's one reduction, so every rank stops after the same step.
+        totals = engine.all_reduce_sum(
+            local + [seen_tokens, float(stop_request.exists()), float(interrupts.received is not None)], dist.device)
+        interrupted, stop = totals.pop() > 0, totals.pop() > 0
         elapsed = time.perf_counter() - t0
         record = {
             "step": step,
@@ -209,19 +231,29 @@ def train(run: Run) -> bool:
             **counts,
             "step_time_s": elapsed,
         }
+        logged = step % cfg.train.log_every == 0 or step == run.total_steps
+        if on_gpu and logged:  # rank 0's peak since the previous logged step, to compare with `aligntI plan`
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(dist.device)
         if dist.is_main:
-            if step % cfg.train.log_every == 0 or step == run.total_steps:
+            if logged:
                 run.metrics.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{next(iter(record['lr'].values())):.2e}",
                             refresh=False)  # let mininterval decide: log files get a line per 30 s
+        if interrupted:
+            bar.close()
+            path = save(step)
+            why = interrupts.name or "a signal to another rank"
+            run.log(f"{why}: stopped after step {step}, checkpoint {path}; the same command resumes")
+            return "interrupted"
         if stop and step < run.total_steps:
             bar.close()
             save(step)
             if dist.is_main:
                 stop_request.unlink(missing_ok=True)
             run.log(f"stopped on request ({stop_request}) after step {step}; the same command resumes")
-            return False
+            return "stopped"
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < run.total_steps:
             save(step)
     bar.close()
@@ -229,7 +261,7 @@ def train(run: Run) -> bool:
         save(run.total_steps)
     if dist.is_main:  # a request that came after the last step is answered by the end itself
         stop_request.unlink(missing_ok=True)
-    return True
+    return "finished"
 
 
 def finish(run: Run) -> dict | None:
@@ -251,6 +283,8 @@ def finish(run: Run) -> dict | None:
             rank=run.dist.rank, world_size=run.dist.world_size, out_dir=run.run_dir / "eval",
             name=Path(ev.data).stem, title=str(run.run_dir),
         )
+        if run.metrics is not None:
+            run.metrics.write_scores(f"eval/{Path(ev.data).stem}", scores, run.total_steps)
     engine.barrier()
     return scores
 
@@ -263,13 +297,18 @@ def main(argv: list[str] | None = None) -> int:
             from aligntI.plan import print_plan
 
             return print_plan(args.config, args.overrides)
-        run = build(load_recipe(args.config, args.overrides), args.overrides)
-        if train(run):
-            finish(run)
-        if run.metrics is not None:
-            run.metrics.close()
-        engine.destroy()
-        return 0
+        interrupts = Interrupts()
+        with interrupts.installed():  # SIGINT/SIGTERM: the loop checkpoints and stops; elsewhere one line
+            run = build(load_recipe(args.config, args.overrides), args.overrides)
+            with interrupts.deferred():
+                outcome = train(run, interrupts)
+            interrupts.outside = f"after the last checkpoint of {run.run_dir}: the same command resumes from it"
+            if outcome == "finished":
+                finish(run)
+            if run.metrics is not None:
+                run.metrics.close()
+            engine.destroy()
+        return 128 + (interrupts.received or signal.SIGINT) if outcome == "interrupted" else 0
 
     return run_reporting_errors(command)
 

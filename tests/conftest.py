@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -169,16 +170,27 @@ def distributed_problem() -> str | None:
 
 
 def launch(args: list[str], launcher: str = "deepspeed", nproc: int = 2, timeout: int = 600,
-           check: bool = True) -> subprocess.CompletedProcess:
+           check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run ``recipes/train.py`` (or another module) on ``nproc`` CPU ranks with a real launcher."""
     if problem := distributed_problem():
         pytest.fail(problem)
     cmd = launcher_cmd(launcher, nproc)
-    proc = subprocess.run(cmd + args, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd + args, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd + args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def lines_repeated_per_step(stderr: str, steps: int) -> dict[str, int]:
+    """The lines of ``stderr`` (progress-bar redraws split apart) seen at least once per step: a log that grows
+    with the run's length. Numbers are blanked, so "step 3" and "step 4" count as one line."""
+    counts: dict[str, int] = {}
+    for line in re.split(r"[\r\n]+", stderr):
+        line = re.sub(r"\d+(\.\d+)?", "N", line.strip())
+        if line:
+            counts[line] = counts.get(line, 0) + 1
+    return {line: n for line, n in counts.items() if n >= steps}
 
 
 def processes_with(entry: str) -> list[int]:

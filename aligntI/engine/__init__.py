@@ -29,13 +29,13 @@ from aligntI.engine.ds_config import (
     use_bf16,
 )
 from aligntI.engine.export import export_checkpoint, export_hf
-from aligntI.engine.student import StudentEngine
+from aligntI.engine.student import StudentEngine, universal_loading
 from aligntI.engine.teacher import TeacherEngine, gathered_parameters, inference_engine
 
 __all__ = [
     "DistInfo", "init_distributed", "accelerator_name", "all_reduce_sum", "barrier", "destroy", "communicated_bytes",
     "use_bf16", "build_ds_config", "teacher_ds_config", "teacher_placement", "sharded_loading",
-    "StudentEngine",
+    "StudentEngine", "universal_loading",
     "TeacherEngine", "inference_engine", "gathered_parameters",
     "latest_complete_checkpoint", "prune_checkpoints", "consolidate_checkpoint",
     "export_hf", "export_checkpoint",

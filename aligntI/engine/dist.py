@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ def _free_port() -> int:
 
 def init_distributed() -> DistInfo:
     """Start (or join) the process group and pick this rank's device."""
+    quiet_third_party_warnings()
     if "RANK" not in os.environ:  # bare `python`: one process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -54,6 +56,16 @@ def init_distributed() -> DistInfo:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
         device = torch.device("cpu")
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def quiet_third_party_warnings() -> None:
+    """Warnings raised inside third-party code on every step, each named here, are not shown.
+
+    * DeepSpeed's collectives (``deepspeed/comm/torch.py``) call ``torch.distributed.all_gather_into_tensor`` and
+      ``reduce_scatter_tensor``, deprecated in torch 2.13 for ``*_single``: a FutureWarning per ZeRO-3 gather.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
 
 
 def accelerator_name() -> str:

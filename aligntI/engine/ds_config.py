@@ -47,7 +47,8 @@ def teacher_ds_config(student_ds_config: dict, placement: str, device: str | Non
     """What the teacher's engine takes from the student's DeepSpeed config. The one place this is decided:
 
     * same batch keys (DeepSpeed asserts a micro-batch size even without an optimizer) and precision;
-    * no ``optimizer``/``scheduler`` (an optimizer over frozen parameters fails) and no optimizer offload;
+    * no ``optimizer``/``scheduler`` (an optimizer over frozen parameters fails), no optimizer offload and no
+      ``checkpoint`` loading options (the teacher loads no checkpoint);
     * ``placement`` (the recipe's ``teacher.placement``, see :func:`teacher_placement`): ``sharded`` is ZeRO-3,
       with the student's ZeRO-3 settings when it has them; ``offload`` adds parameter offload to CPU memory;
       ``replicated`` is stage 0, a whole replica per rank (ZeRO-1/2 only shard optimizer state and gradients,
@@ -57,7 +58,7 @@ def teacher_ds_config(student_ds_config: dict, placement: str, device: str | Non
     machine's.
     """
     cfg = copy.deepcopy(student_ds_config)
-    for key in ("optimizer", "scheduler", "gradient_clipping"):
+    for key in ("optimizer", "scheduler", "gradient_clipping", "checkpoint"):
         cfg.pop(key, None)
     placement = teacher_placement(student_ds_config, placement)
     if placement == "replicated":

@@ -54,15 +54,18 @@ def export_checkpoint(run: Path, tag: str | None = None, out: Path | None = None
     tag = tag or latest_complete_checkpoint(run / "checkpoints")
     if tag is None or not (run / "checkpoints" / tag / "COMPLETE").is_file():
         raise ConfigError(f"--run {run}: no complete checkpoint {tag or ''} under {run / 'checkpoints'}")
-    model = load_model(resolved["model"]["path"], AttentionConfig(), torch.float32)
+    # The model the checkpoint was trained on: its own record, else (an older checkpoint) the run's newest start.
+    trained = torch.load(run / "checkpoints" / tag / "trainer_state.pt", weights_only=False).get("recipe", resolved)
+    model_path = trained["model"]["path"]
+    model = load_model(model_path, AttentionConfig(), torch.float32)
     state = consolidate_checkpoint(run / "checkpoints", tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if model.config.get_text_config().tie_word_embeddings else set()
     missing = sorted(set(missing) - tied)
     if unexpected or missing:
-        raise ModelDirError(f"--run {run}: checkpoint {tag} does not fit its model {resolved['model']['path']}: "
+        raise ModelDirError(f"--run {run}: checkpoint {tag} does not fit its model {model_path}: "
                             f"weights missing {_some(missing)}, unexpected {_some(sorted(unexpected))}")
     out = Path(out) if out else run / f"export_{tag}"
     model.save_pretrained(out)
-    load_processor(resolved["model"]["path"]).save_pretrained(out)
+    load_processor(model_path).save_pretrained(out)
     return tag, out

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +24,25 @@ def _optimizer(groups: list[dict], optim: OptimConfig, ds_config: dict):
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     return torch.optim.AdamW(groups, fused=accelerator_name() == "cuda", **kwargs)
+
+
+def universal_loading(ds_config: dict) -> dict:
+    """``ds_config`` for an engine that loads a checkpoint of another world size (:meth:`StudentEngine.load_resharded`)."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def convert_to_universal(checkpoint: Path, out: Path) -> None:
+    """DeepSpeed's converter, into a temporary folder renamed into place: an interrupted conversion leaves none."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(checkpoint), "--output_folder", str(tmp)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"converting {checkpoint} to DeepSpeed's universal format failed: {last}")
+    (out.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; tags are always explicit
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 class StudentEngine:
@@ -83,6 +106,40 @@ class StudentEngine:
                                              load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {root}/{tag}")
+
+    def load_resharded(self, root: Path, tag: str, rank: int) -> None:
+        """Load a ZeRO-3 checkpoint written on another number of ranks, through DeepSpeed's universal format.
+
+        The engine must have been built with ``checkpoint.load_universal`` (:func:`universal_loading`). Rank 0
+        converts ``root/tag`` once, into ``root/<tag>_universal`` (pruned with its checkpoint). DeepSpeed 0.19.8's
+        ZeRO-3 universal load then gets three things wrong, put right here: every param group receives group
+        0's settings (a weight decay of 0.0 everywhere), all sub-groups share one Adam ``step`` tensor (each
+        optimizer step advances it once per sub-group, skewing the bias correction), and frozen parameters keep
+        the values the model was built with.
+        """
+        import deepspeed
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        root = Path(root)
+        universal = f"{tag}_universal"
+        if rank == 0 and not (root / universal / "zero" / "optimizer_state.pt").is_file():
+            convert_to_universal(root / tag, root / universal)
+        torch.distributed.barrier()
+        self.engine.load_checkpoint(str(root), tag=universal, load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+        saved_groups = torch.load(root / universal / "zero" / "optimizer_state.pt", weights_only=False)["param_groups"]
+        for group, saved in zip(self.optimizer.param_groups, saved_groups, strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        for flat in self.optimizer.fp32_partitioned_groups_flat:
+            state = self.optimizer.optimizer.state[flat]
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        frozen = [(name, p) for name, p in self.module.named_parameters() if not p.requires_grad]
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag) if rank == 0 and frozen else {}
+        for name, p in frozen:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    p.data.copy_(weights[name].to(p.dtype))
 
     def export_hf(self, out_dir: Path, processor, rank: int) -> None:
         """See :func:`aligntI.engine.export.export_hf`. All ranks call."""

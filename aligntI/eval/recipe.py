@@ -1,7 +1,9 @@
 """The evaluation recipe (``aligntI eval --config``): one exported model on several benchmarks.
 
 Loaded strictly like a training recipe (:func:`aligntI.yamlconf.load`); benchmark names are checked against
-the registry, :data:`aligntI.eval.benchmarks.BENCHMARKS`.
+the registry, :data:`aligntI.eval.benchmarks.BENCHMARKS`. Its paths (``model``, ``out``, each benchmark's
+files, a ``.jinja`` ``chat_template``) follow the recipes' rule: a relative one, in the file or an override, is
+relative to the repository root, not to the current folder; ``~`` is expanded, an absolute path stays as given.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aligntI.eval.benchmarks import BENCHMARKS
-from aligntI.yamlconf import ConfigError, load
+from aligntI.yamlconf import ChatTemplate, ConfigError, RecipePath, load
 
 
 @dataclass
@@ -18,9 +20,9 @@ class BenchmarkConfig:
     """One benchmark of an evaluation recipe, in LLaVA's evaluation-file layout (aligntI/eval/benchmarks/)."""
 
     name: str  # a key of BENCHMARKS
-    data: str  # the question file
-    images: str | None = None  # image folder (MMBench: inside the TSV)
-    annotations: str | None = None  # references when the question file has none (GQA/SQA/TextVQA/POPE/MME)
+    data: RecipePath  # the question file
+    images: RecipePath | None = None  # image folder (MMBench: inside the TSV)
+    annotations: RecipePath | None = None  # references when the question file has none (GQA/SQA/TextVQA/POPE/MME)
     max_samples: int | None = None  # the first N questions
 
     def validate(self, where: str) -> None:
@@ -32,10 +34,10 @@ class BenchmarkConfig:
 class EvalRecipe:
     """``aligntI eval --config``: one exported model on several benchmarks, one score table."""
 
-    model: str
+    model: RecipePath
     benchmarks: list[BenchmarkConfig]
-    out: str | None = None  # default: <model>/eval
-    chat_template: str | None = None  # default: the processor's (saved with the model)
+    out: RecipePath | None = None  # default: <model>/eval
+    chat_template: ChatTemplate | None = None  # default: the processor's (saved with the model)
     batch_size: int = 16  # per rank
     max_new_tokens: int = 128  # LLaVA's evaluation default
     attn: str = "sdpa"  # text attention backend (flash_attention_2 on GPU)

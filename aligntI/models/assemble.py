@@ -13,6 +13,7 @@ is materialised and initialised, with ``seed``.
 from __future__ import annotations
 
 import json
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
@@ -37,6 +39,8 @@ from aligntI.data.formatting import IMAGE_PLACEHOLDER, load_chat_template
 from aligntI.models.builder import llava_processor, select_strategy
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+PROBE_TEXT = "hello world"  # any LLM's tokenizer encodes it to known tokens
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 class AssembleError(ValueError):
@@ -83,7 +87,9 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def _check_loading(path: Path, info: dict) -> None:
+def _check_loading(path: Path, info: dict, unused_ok: bool) -> None:
+    """``unused_ok``: checkpoint weights the model has no place for are expected (a full SigLIP/CLIP checkpoint's
+    text tower); for an LLM they mean config.json describes another architecture."""
     problems = []
     mismatched = sorted(info["mismatched_keys"], key=lambda m: m[0])  # (name, checkpoint shape, config shape)
     if mismatched:
@@ -94,20 +100,28 @@ def _check_loading(path: Path, info: dict) -> None:
         missing = sorted(info["missing_keys"])
         problems.append(f"{len(missing)} weights of the model config.json describes are missing from the checkpoint, "
                         f"e.g. {missing[:4]}")
+    if info["unexpected_keys"] and not unused_ok:
+        unused = sorted(info["unexpected_keys"])
+        problems.append(f"{len(unused)} weights of the checkpoint have no place in the model config.json describes "
+                        f"(is the config from another architecture?), e.g. {unused[:4]}")
     if info.get("error_msgs"):
         problems.append("; ".join(info["error_msgs"]))
     if problems:
         raise AssembleError(f"{path}: " + " / ".join(problems))
 
 
-def _from_pretrained(cls, path: Path, dtype: torch.dtype):
+def _from_pretrained(cls, path: Path, dtype: torch.dtype, unused_ok: bool):
     try:
         with _quiet_transformers():
             model, info = cls.from_pretrained(str(path), dtype=dtype, output_loading_info=True,
                                               ignore_mismatched_sizes=True)
+    except (SafetensorError, pickle.UnpicklingError) as err:
+        # the library's text does not name the file (and for pickle suggests loading it unsafely)
+        raise AssembleError(f"{path}: a weights file is truncated or corrupt ({type(err).__name__}); "
+                            f"download it again") from err
     except (OSError, ValueError, RuntimeError) as err:
         raise AssembleError(f"{path}: cannot load the weights as {cls.__name__}: {err}") from err
-    _check_loading(path, info)
+    _check_loading(path, info, unused_ok)
     return model
 
 
@@ -121,7 +135,7 @@ def load_vision(path: str | Path, dtype: torch.dtype):
     if family is None:
         raise AssembleError(f"{path / 'config.json'}: model_type {model_type!r} is not supported for --vision "
                             f"(expected {expected.split(': ', 1)[1]})")
-    tower = _from_pretrained(family.model_cls, path, dtype)  # a full checkpoint: its vision half
+    tower = _from_pretrained(family.model_cls, path, dtype, unused_ok=True)  # a full checkpoint: its vision half
     pre = path / "preprocessor_config.json"
     if not pre.is_file():
         raise AssembleError(f"{pre}: missing; the vision checkpoint must come with the image processor it was "
@@ -135,18 +149,32 @@ def load_vision(path: str | Path, dtype: torch.dtype):
 
 
 def load_llm(path: str | Path, dtype: torch.dtype):
-    """``AutoModelForCausalLM`` and ``AutoTokenizer`` of one directory."""
+    """``AutoModelForCausalLM`` and ``AutoTokenizer`` of one directory; the tokenizer first, as it is cheap."""
     path = Path(path)
     model_type = read_config(path, "--llm", "a causal LM such as Qwen2.5 or Qwen3")["model_type"]
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise AssembleError(f"{path / 'config.json'}: model_type {model_type!r} is not a causal language model "
                             f"(--llm expects e.g. qwen2 or qwen3)")
-    llm = _from_pretrained(AutoModelForCausalLM, path, dtype)
+    tokenizer = load_tokenizer(path)
+    llm = _from_pretrained(AutoModelForCausalLM, path, dtype, unused_ok=False)
+    return llm, tokenizer
+
+
+def load_tokenizer(path: Path):
+    """The LLM's tokenizer, refused unless it encodes plain text to known tokens: without tokenizer files
+    ``AutoTokenizer`` returns an empty tokenizer of the model's class instead of raising."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError) as err:
+    except Exception as err:  # the tokenizers library raises a plain Exception for a tokenizer.json it cannot read
         raise AssembleError(f"{path}: cannot load its tokenizer (tokenizer.json / tokenizer_config.json): {err}") from err
-    return llm, tokenizer
+    ids = tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
+    if any(i != tokenizer.unk_token_id for i in ids):
+        return tokenizer
+    present = [name for name in TOKENIZER_FILES if (path / name).is_file()]
+    source = f"read from {', '.join(present)}" if present else f"none of {', '.join(TOKENIZER_FILES)} is there"
+    got = f"only the unknown token {tokenizer.unk_token!r}" if ids else "no ids"
+    raise AssembleError(f"{path}: no usable tokenizer ({source}): it encodes {PROBE_TEXT!r} to {got}; --llm must "
+                        f"hold the LLM's own tokenizer files, as its hub repository has them")
 
 
 def add_image_token(tokenizer, llm) -> tuple[int, bool]:

@@ -31,6 +31,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from aligntI.config import ConfigError, from_dict
 from aligntI.data.formatting import IMAGE_PLACEHOLDER, load_chat_template
+from aligntI.yamlconf import ChatTemplate, resolve_paths
 
 TEXT_CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}
 
@@ -60,7 +61,7 @@ class VisionSpec:
 class TinyModelSpec:
     text: TextSpec = field(default_factory=TextSpec)
     vision: VisionSpec = field(default_factory=VisionSpec)
-    chat_template: str = "llava_v1_compact"
+    chat_template: ChatTemplate = "llava_v1_compact"  # a .jinja path is relative to the repository root
     vocab_multiple: int = 1  # round the embedding rows up, as real checkpoints pad their vocabularies
     seed: int = 0
 
@@ -183,6 +184,7 @@ def init_model_dir(spec_path: str | Path, tokenizer_dir: str | Path, out_dir: st
     """Save a random model of the spec YAML ``spec_path`` (``seed`` replaces the spec's) with the tokenizer of
     ``tokenizer_dir``, as :func:`write_model_dir`; returns the directory and the spec."""
     spec = from_dict(TinyModelSpec, yaml.safe_load(Path(spec_path).read_text()) or {})
+    resolve_paths(spec)  # a spec's paths follow the recipes' rule
     if seed is not None:
         spec = replace(spec, seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))

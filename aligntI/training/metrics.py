@@ -1,5 +1,6 @@
 """Per-step metrics on rank 0: ``metrics.jsonl`` (append-only, trimmed on resume), copied to the trackers the
-recipe turns on (TensorBoard, W&B: aligntI/training/trackers.py), and a loss-curve PNG."""
+recipe turns on (TensorBoard, W&B: aligntI/training/trackers.py) with the evaluation's scores, and a loss-curve
+PNG."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def write_scores(self, prefix: str, scores: dict, step: int) -> None:
+        """Evaluation scores (``{category: {"accuracy": %, "n": count}}``) to the trackers, as ``prefix/category``."""
+        record = {"step": step, **{f"{prefix}/{category}": s["accuracy"] for category, s in scores.items()}}
         for tracker in self.trackers:
             tracker.log(record)
 

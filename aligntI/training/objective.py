@@ -266,10 +266,14 @@ class DistillObjective:
                                   "decoder layers")
             return cfg.iva.layer
         saved = Path(cfg.run_dir) / "irs.json"
-        if resumed and saved.is_file():  # a resumed run keeps the layer it started with
-            layer = json.loads(saved.read_text())["chosen_layer"]
-            self.log(f"IVA layer {layer} from {saved} (resumed run)")
-            return layer
+        if resumed and saved.is_file():  # a resumed run keeps the layer it chose, if chosen for this teacher
+            report = json.loads(saved.read_text())
+            chosen_for = (report["model"], report.get("queries", "instruction"))
+            if chosen_for == (cfg.teacher.path, cfg.iva.queries):
+                self.log(f"IVA layer {report['chosen_layer']} from {saved} (resumed run)")
+                return report["chosen_layer"]
+            self.log(f"{saved} was computed for teacher {chosen_for[0]} from iva.queries {chosen_for[1]}: "
+                     "calibrating again")
         report = calibrate_iva_layer(self.teacher, self.processor, cfg, self.dist)
         self.log(f"IRS on {report['samples']} calibration samples ({report['pairing']} pairs): "
                  + ", ".join(f"L{i} {v:.3f}" for i, v in enumerate(report["irs"]))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, kill_when, launch, write_recipe, write_tiny_model
+from conftest import REPO, kill_when, launch, lines_repeated_per_step, write_recipe, write_tiny_model
 from test_hooks_attention import write_mixed
 
 TERMS = ("loss", "sft", "kd", "iva", "tpa", "top1_agreement")
@@ -89,7 +89,8 @@ def test_distill_resume_is_exact(tmp_path, tiny_model, tiny_student, digitgrid, 
                   train={"max_steps": 16, "save_every": 6}, data={"num_workers": 1})
     straight = distill_recipe(tmp_path, "a", tiny_student, tiny_model, digitgrid, zero3_partitioned, **common)
     broken = distill_recipe(tmp_path, "b", tiny_student, tiny_model, digitgrid, zero3_partitioned, **common)
-    launch(["recipes/train.py", "--config", str(straight)], launcher="torchrun")
+    first = launch(["recipes/train.py", "--config", str(straight)], launcher="torchrun")
+    assert lines_repeated_per_step(first.stderr, 16) == {}  # no rank's log grows by a line per step
 
     kill_when(["recipes/train.py", "--config", str(broken)],
               tmp_path / "b" / "checkpoints" / "step_00000006" / "COMPLETE")

@@ -1,17 +1,23 @@
 """Every recipe under recipes/paper/ resolves and dry-runs against the real model shapes (config files only,
-written here: no weights), and the recipes chain: each stage reads what the one before it writes."""
+written here: no weights), and the recipes chain: each stage reads what the one before it writes, starting
+from what the assemble recipe writes."""
 
+import re
 from pathlib import Path
 
 import pytest
 from conftest import REPO
 from transformers import LlavaConfig, Qwen2Config, Qwen3Config, SiglipVisionConfig
 
+from aligntI.cli import AssembleRecipe
 from aligntI.config import load_recipe
+from aligntI.eval.recipe import load_eval_recipe
 from aligntI.plan import format_plan, make_plan
+from aligntI.yamlconf import load
 
 PAPER = REPO / "recipes" / "paper"
-RECIPES = sorted(p for p in PAPER.rglob("*.yaml") if not p.name.startswith("_"))
+ASSEMBLE = PAPER / "assemble.yaml"  # the starting models (aligntI assemble --config), not a training recipe
+RECIPES = sorted(p for p in PAPER.rglob("*.yaml") if not p.name.startswith("_") and p != ASSEMBLE)
 
 # The published shapes (config.json of each checkpoint on the hub).
 SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -93,3 +99,35 @@ def test_paper_recipe_dry_runs_on_8_gpus(recipe, runs):
     if cfg.teacher is not None:
         assert cfg.teacher.path.endswith("/instruct/final")
         assert plan.teacher is not None
+
+
+def readme_assemble_loop() -> list[str]:
+    """The LLMs of the assemble loop in recipes/README.md."""
+    text = (REPO / "recipes" / "README.md").read_text()
+    loop = re.search(r"^for llm in (.+); do\n  aligntI assemble --config recipes/paper/assemble\.yaml "
+                     r"vars\.llm=\$llm vars\.name=\$\(echo \$llm \| tr A-Z a-z\)\n", text, flags=re.MULTILINE)
+    assert loop, "recipes/README.md: the assemble loop"
+    return loop.group(1).split()
+
+
+def test_the_assemble_recipe_writes_where_every_first_stage_starts(runs):
+    firsts = {p.parent.name: p for p in RECIPES if p.name in ("stage1.yaml", "pretrain.yaml")}
+    llms = readme_assemble_loop()
+    assert sorted(llm.lower() for llm in llms) == sorted(firsts) == sorted(LLMS)
+    for llm in llms:
+        name = llm.lower()  # the loop's `tr A-Z a-z`
+        cfg = load(ASSEMBLE, [f"vars.runs={runs}", "vars.models=/hub", f"vars.llm={llm}", f"vars.name={name}"],
+                   AssembleRecipe)
+        assert (cfg.vision, cfg.llm) == ("/hub/siglip-so400m-patch14-384", f"/hub/{llm}")
+        assert cfg.out == load_recipe(firsts[name], [f"vars.runs={runs}"]).model.path == str(runs / "init" / name)
+
+
+def test_the_evaluation_of_a_row_reads_its_run_dir(runs):
+    """recipes/README.md evaluates an ablation with vars.student and vars.row: its model is the row's final/."""
+    ablation = PAPER / "ablations" / "candidates" / "d2.yaml"
+    run_dir = load_recipe(ablation, [f"vars.runs={runs}"]).run_dir
+    model = load_eval_recipe(REPO / "recipes" / "eval" / "paper_benchmarks.yaml", [
+        f"vars.runs={runs}", "vars.student=qwen2.5-0.5b", "vars.row=ablations/candidates/d2"]).model
+    assert model == f"{run_dir}/final"
+    readme = (REPO / "recipes" / "README.md").read_text()
+    assert "vars.student=qwen2.5-0.5b \\\n  vars.row=ablations/candidates/d2" in readme

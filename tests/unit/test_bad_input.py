@@ -429,6 +429,7 @@ def test_a_checkpoint_that_does_not_fit_its_model_is_one_line(tmp_path, tiny_mod
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000001").mkdir(parents=True)
     (run / "checkpoints" / "step_00000001" / "COMPLETE").write_text("")
+    torch.save({"step": 1}, run / "checkpoints" / "step_00000001" / "trainer_state.pt")  # one without a recipe
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_model)}}))
     # What DeepSpeed's consolidation would give for another model: a weight this one does not have.
     monkeypatch.setattr(export, "consolidate_checkpoint", lambda checkpoints, tag: {"extra.weight": torch.zeros(1)})

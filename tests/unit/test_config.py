@@ -1,11 +1,15 @@
 """Strict recipe loading: unknown keys, wrong types and inconsistent values are errors naming the key."""
 
+import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from aligntI.cli import AssembleRecipe, main
 from aligntI.config import (
     ConfigError,
     RecipeConfig,
@@ -17,6 +21,7 @@ from aligntI.config import (
 )
 from aligntI.eval.recipe import load_eval_recipe
 from aligntI.models.builder import TinyModelSpec
+from aligntI.yamlconf import load
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -161,8 +166,7 @@ def test_there_are_recipes():
 
 
 @pytest.mark.parametrize("path", all_yamls(), ids=lambda p: str(p.relative_to(REPO)))
-def test_every_recipe_yaml_validates_and_documents_itself(path, monkeypatch):
-    monkeypatch.chdir(REPO)  # recipes use paths relative to the repository root
+def test_every_recipe_yaml_validates_and_documents_itself(path):
     lines = path.read_text().splitlines()
     header = []
     for line in lines:
@@ -179,6 +183,8 @@ def test_every_recipe_yaml_validates_and_documents_itself(path, monkeypatch):
         from_dict(TinyModelSpec, yaml.safe_load(path.read_text()))
     elif path.parent.name == "eval":
         load_eval_recipe(path)
+    elif path.name == "assemble.yaml":
+        load(path, None, AssembleRecipe)
     else:
         load_recipe(path)
 
@@ -286,10 +292,10 @@ def test_base_files_merge_and_vars_are_substituted(tmp_path):
     assert cfg.run_dir == "/r/kd" and cfg.model.path == "/m/student"  # the row's var wins; others from bases
     assert cfg.train.micro_batch_size == 4  # a whole-string variable keeps its type
     assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.weight_decay == pytest.approx(0.1)  # maps merge
-    assert cfg.data.train[0].path == "d.json"
+    assert cfg.data.train[0].path == str(REPO / "d.json")
     # A user sets a location once on the command line; overrides apply before substitution.
     assert load_recipe(row, ["vars.runs=/scratch"]).run_dir == "/scratch/kd"
-    assert load_recipe(row, ["run_dir=elsewhere"]).run_dir == "elsewhere"
+    assert load_recipe(row, ["run_dir=elsewhere"]).run_dir == str(REPO / "elsewhere")
 
 
 def test_composition_errors_name_the_file_and_key(tmp_path):
@@ -347,3 +353,120 @@ def test_override_that_does_not_parse_names_the_override(tmp_path):
 def test_images_outside_their_folder_are_refused_by_default(tmp_path):
     assert load_recipe(write(tmp_path, BASE)).data.allow_images_outside is False
     assert load_recipe(write(tmp_path, BASE), ["data.allow_images_outside=true"]).data.allow_images_outside
+
+
+# Every path of a recipe, relative: each resolves against the repository root.
+RELATIVE = {
+    **BASE,
+    "run_dir": "runs/rel",
+    "model": {"path": "models/student"},
+    "teacher": {"path": "models/teacher"},
+    "data": {"train": [{"path": "data/a.json", "images": "data/img"}, {"path": "data/b.json"}],
+             "chat_template": "templates/mine.jinja"},
+    "engine": {"ds_config": "ds_configs/zero3.json"},  # opened while loading: found from any folder
+    "eval": {"data": "data/test.json", "images": "data/test_img"},
+    "irs": {"data": "data/calib.json", "images": "data/calib_img"},
+}
+
+
+def recipe_paths(cfg) -> dict:
+    return {"run_dir": cfg.run_dir, "model.path": cfg.model.path, "teacher.path": cfg.teacher.path,
+            "data.train.0.path": cfg.data.train[0].path, "data.train.0.images": cfg.data.train[0].images,
+            "data.train.1.path": cfg.data.train[1].path, "data.chat_template": cfg.data.chat_template,
+            "engine.ds_config": cfg.engine.ds_config, "eval.data": cfg.eval.data, "eval.images": cfg.eval.images,
+            "irs.data": cfg.irs.data, "irs.images": cfg.irs.images}
+
+
+def test_recipe_paths_are_relative_to_the_repository_root_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_recipe(write(tmp_path, RELATIVE))
+    assert recipe_paths(cfg) == {
+        "run_dir": str(REPO / "runs/rel"), "model.path": str(REPO / "models/student"),
+        "teacher.path": str(REPO / "models/teacher"), "data.train.0.path": str(REPO / "data/a.json"),
+        "data.train.0.images": str(REPO / "data/img"), "data.train.1.path": str(REPO / "data/b.json"),
+        "data.chat_template": str(REPO / "templates/mine.jinja"),
+        "engine.ds_config": str(REPO / "ds_configs/zero3.json"), "eval.data": str(REPO / "data/test.json"),
+        "eval.images": str(REPO / "data/test_img"), "irs.data": str(REPO / "data/calib.json"),
+        "irs.images": str(REPO / "data/calib_img")}
+    assert cfg.data.train[1].images is None  # an unset path stays unset
+    # What the run's config.yaml records (the recipe as dataclasses.asdict) is where everything was.
+    assert dataclasses.asdict(cfg)["data"]["train"][0]["images"] == str(REPO / "data/img")
+
+
+def test_overrides_are_recipe_values_and_follow_the_same_rule(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_recipe(write(tmp_path, {**RELATIVE, "vars": {"root": "somewhere"}}),
+                      ["model.path=other/student", "data.train.1.images=more/img", "vars.root=shared",
+                       "run_dir=${root}/run", "engine.ds_config=ds_configs/zero2.json"])
+    assert cfg.model.path == str(REPO / "other/student")
+    assert cfg.data.train[1].images == str(REPO / "more/img")
+    assert cfg.run_dir == str(REPO / "shared/run")
+    assert cfg.engine.ds_config == str(REPO / "ds_configs/zero2.json")
+
+
+def test_absolute_paths_stay_home_is_expanded_and_template_names_are_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    ds = str(REPO / "ds_configs" / "zero3.json")
+    cfg = load_recipe(write(tmp_path, RELATIVE), [
+        "run_dir=/abs/run", "model.path=~/student", f"engine.ds_config={ds}", "data.chat_template=llava_v1"])
+    assert cfg.run_dir == "/abs/run" and cfg.engine.ds_config == ds
+    assert cfg.model.path == str(tmp_path / "home" / "student")
+    assert cfg.data.chat_template == "llava_v1"  # a shipped template, not a file
+    assert load_recipe(write(tmp_path, RELATIVE), ["data.chat_template=null"]).data.chat_template is None
+    assert "model.path: cannot expand the ~ of '~no_such_user_x/m'" in error_of(
+        tmp_path, RELATIVE, ["model.path=~no_such_user_x/m"])
+
+
+def test_a_missing_ds_config_names_its_resolved_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    msg = error_of(tmp_path, {**BASE, "engine": {"ds_config": "ds_configs/none.json"}})
+    assert f"engine.ds_config: file not found: {REPO / 'ds_configs' / 'none.json'}" in msg
+
+
+def test_evaluation_recipe_paths_follow_the_rule(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = REPO / "recipes" / "eval" / "paper_benchmarks.yaml"
+    cfg = load_eval_recipe(recipe, ["vars.data=/d", "out=evals/x", "chat_template=t/eval.jinja"])
+    assert cfg.model == str(REPO / "runs/paper/students/qwen2.5-1.5b/align_ti/final")  # vars.runs of _paths.yaml
+    assert cfg.out == str(REPO / "evals/x") and cfg.chat_template == str(REPO / "t/eval.jinja")
+    gqa = cfg.benchmarks[0]
+    assert (gqa.data, gqa.images) == ("/d/eval/gqa/llava_gqa_testdev_balanced.jsonl", "/d/eval/gqa/data/images")
+    assert cfg.benchmarks[-1].images is None
+    assert load_eval_recipe(recipe, ["chat_template=llava_v1"]).chat_template == "llava_v1"
+
+
+def test_plan_runs_from_another_folder(tmp_path):
+    """The issue: started outside the checkout, a shipped recipe failed on its ds_config."""
+    proc = subprocess.run([sys.executable, "-m", "aligntI.cli", "plan", "--config",
+                           str(REPO / "recipes" / "mini" / "align_ti.yaml")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"no config.json in {REPO / 'data/digitgrid/models/student_init'}" in proc.stdout
+
+
+def test_assemble_recipe_takes_its_folders_from_the_paths_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = REPO / "recipes" / "paper" / "assemble.yaml"
+    cfg = load(recipe, ["vars.models=/hub", "vars.llm=Qwen3-8B", "vars.name=qwen3-8b"], AssembleRecipe)
+    assert (cfg.vision, cfg.llm) == ("/hub/siglip-so400m-patch14-384", "/hub/Qwen3-8B")
+    assert cfg.out == str(REPO / "runs/paper/init/qwen3-8b")  # _paths.yaml's runs, from the repository root
+    # The defaults are assemble()'s.
+    assert (cfg.chat_template, cfg.dtype, cfg.seed) == ("llava_v1", "bfloat16", 0)
+    assert load(recipe, ["vars.models=models"], AssembleRecipe).vision == str(
+        REPO / "models/siglip-so400m-patch14-384")
+    with pytest.raises(ConfigError, match="dtype: 'float16' is not one of"):
+        load(recipe, ["dtype=float16"], AssembleRecipe)
+    with pytest.raises(ConfigError, match="visoin: unknown key"):
+        load(recipe, ["visoin=x"], AssembleRecipe)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--config", "r.yaml", "--dtype", "float32"], "give --config (an assemble recipe) or the flags, not both "
+                                                   "(got --dtype)"),
+    (["--vision", "v", "--llm", "l"], "--out required (or --config)"),
+    (["--vision", "v", "--llm", "l", "--out", "o", "seed=1"], "only apply to --config recipes"),
+])
+def test_assemble_takes_a_recipe_or_flags(argv, fragment, capsys):
+    assert main(["assemble", *argv]) == 2
+    assert fragment in capsys.readouterr().err

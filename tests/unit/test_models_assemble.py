@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 from safetensors.torch import load_file
 from tokenizers.pre_tokenizers import ByteLevel
@@ -19,6 +20,9 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
+    BertConfig,
+    BertLMHeadModel,
+    BertTokenizer,
     CLIPConfig,
     CLIPModel,
     Qwen2Config,
@@ -98,6 +102,31 @@ def run(capsys, *args) -> tuple[int, str, str]:
     rc = main(["assemble", *map(str, args)])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def refused(capsys, vision_dir, llm_dir, out, *needles) -> str:
+    """``aligntI assemble`` ends with exit 2 and one line naming the problem, and writes nothing."""
+    rc, _, err = run(capsys, "--vision", vision_dir, "--llm", llm_dir, "--out", out)
+    assert rc == 2, err
+    *bars, message, end = err.split("\n")  # tqdm's loading bars, then the message
+    assert message.startswith("aligntI assemble: ") and end == "" and all("it/s]" in bar for bar in bars), err
+    for needle in needles:
+        assert str(needle) in err, (needle, err)
+    assert not out.exists()
+    return err
+
+
+def copy_without(src, dst, *names):
+    shutil.copytree(src, dst)
+    for name in names:
+        (dst / name).unlink()
+    return dst
+
+
+def cut_in_half(path) -> None:
+    """A download that stopped half-way."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
 
 
 def image_inputs(processor):
@@ -227,11 +256,7 @@ def test_errors_name_the_file(parts, tmp_path, capsys):
     llm, vision = root / "qwen_tied", root / "siglip"
 
     def fails(vision_dir, llm_dir, *needles):
-        rc, _, err = run(capsys, "--vision", vision_dir, "--llm", llm_dir, "--out", tmp_path / "out")
-        assert rc == 2, err
-        for needle in needles:
-            assert str(needle) in err, (needle, err)
-        assert not (tmp_path / "out").exists()
+        refused(capsys, vision_dir, llm_dir, tmp_path / "out", *needles)
 
     fails(tmp_path / "nope", llm, tmp_path / "nope", "no such directory")
     (tmp_path / "empty").mkdir()
@@ -239,9 +264,7 @@ def test_errors_name_the_file(parts, tmp_path, capsys):
     fails(llm, llm, llm / "config.json", "'qwen2' is not supported for --vision")
     fails(vision, vision, vision / "config.json", "'siglip' is not a causal language model")
 
-    no_pre = tmp_path / "no_pre"
-    shutil.copytree(vision, no_pre)
-    (no_pre / "preprocessor_config.json").unlink()
+    no_pre = copy_without(vision, tmp_path / "no_pre", "preprocessor_config.json")
     fails(no_pre, llm, no_pre / "preprocessor_config.json", "missing")
 
     wrong_size = tmp_path / "wrong_size"
@@ -265,3 +288,87 @@ def test_errors_name_the_file(parts, tmp_path, capsys):
 
     rc, _, err = run(capsys, "--vision", vision, "--llm", llm, "--out", tmp_path / "out", "--chat-template", "nope")
     assert rc == 2 and "unknown chat template 'nope'" in err
+
+
+def test_missing_or_corrupt_weights_are_refused(parts, tmp_path, capsys):
+    root, out = parts["root"], tmp_path / "out"
+    llm, vision = root / "qwen_tied", root / "siglip"
+    no_weights = "Error no file named model.safetensors"
+    vision_bare = copy_without(vision, tmp_path / "vision_bare", "model.safetensors")
+    refused(capsys, vision_bare, llm, out, vision_bare, no_weights)
+    llm_bare = copy_without(llm, tmp_path / "llm_bare", "model.safetensors")
+    refused(capsys, vision, llm_bare, out, llm_bare, no_weights)
+
+    corrupt = "a weights file is truncated or corrupt (SafetensorError); download it again"
+    vision_cut = tmp_path / "vision_cut"
+    shutil.copytree(vision, vision_cut)
+    cut_in_half(vision_cut / "model.safetensors")
+    refused(capsys, vision_cut, llm, out, f"{vision_cut}: {corrupt}")
+    llm_cut = tmp_path / "llm_cut"
+    shutil.copytree(llm, llm_cut)
+    cut_in_half(llm_cut / "model.safetensors")
+    refused(capsys, vision, llm_cut, out, f"{llm_cut}: {corrupt}")
+
+    llm_pickle = copy_without(llm, tmp_path / "llm_pickle", "model.safetensors")
+    (llm_pickle / "pytorch_model.bin").write_bytes(b"<html>not found</html>")  # a saved error page
+    refused(capsys, vision, llm_pickle, out, f"{llm_pickle}: a weights file is truncated or corrupt (UnpicklingError)")
+
+
+def test_llm_config_of_another_architecture_is_refused(parts, tmp_path, capsys):
+    """Llama's config over Qwen2 weights loads without missing weights but drops the attention biases."""
+    llama = tmp_path / "llama"
+    shutil.copytree(parts["root"] / "qwen_tied", llama)
+    cfg = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**cfg, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    refused(capsys, parts["root"] / "siglip", llama, tmp_path / "out",
+            f"{llama}: 6 weights of the checkpoint have no place in the model config.json describes",
+            "model.layers.0.self_attn.k_proj.bias")
+
+
+def test_llm_without_a_usable_tokenizer_is_refused(parts, tmp_path, capsys):
+    root, out = parts["root"], tmp_path / "out"
+    vision, llm = root / "siglip", root / "qwen_tied"
+    usable = "--llm must hold the LLM's own tokenizer files"
+    no_files = copy_without(llm, tmp_path / "no_files", "tokenizer.json", "tokenizer_config.json")
+    refused(capsys, vision, no_files, out,
+            f"{no_files}: no usable tokenizer (none of tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, "
+            f"tokenizer.model is there): it encodes 'hello world' to no ids", usable)
+    config_only = copy_without(llm, tmp_path / "config_only", "tokenizer.json")
+    refused(capsys, vision, config_only, out,
+            f"{config_only}: no usable tokenizer (read from tokenizer_config.json): it encodes 'hello world' to no ids")
+
+    unreadable = tmp_path / "unreadable"
+    shutil.copytree(llm, unreadable)
+    tok = json.loads((unreadable / "tokenizer.json").read_text())
+    tok["model"]["type"] = "NoSuchModel"
+    (unreadable / "tokenizer.json").write_text(json.dumps(tok))
+    refused(capsys, vision, unreadable, out, f"{unreadable}: cannot load its tokenizer")
+
+    # A causal LM whose (WordPiece) tokenizer knows none of the probe's words: every one becomes [UNK].
+    unknown = tmp_path / "unknown"
+    BertLMHeadModel(BertConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, is_decoder=True)).save_pretrained(unknown)
+    BertTokenizer(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "cat"])}
+                  ).save_pretrained(unknown)
+    refused(capsys, vision, unknown, out, f"{unknown}: no usable tokenizer (read from tokenizer.json, "
+                                          "tokenizer_config.json): it encodes 'hello world' to only the unknown "
+                                          "token '[UNK]'")
+
+
+def test_the_shipped_recipe_assembles_from_models_into_runs(parts, tmp_path, capsys):
+    """``aligntI assemble --config recipes/paper/assemble.yaml``, as the loop of recipes/README.md runs it, with
+    ``vars.models`` and ``vars.runs`` moved: the same model as the flags give."""
+    root, models, runs = parts["root"], tmp_path / "models", tmp_path / "runs"
+    models.mkdir()
+    (models / "siglip-so400m-patch14-384").symlink_to(root / "siglip_vision")
+    (models / "Qwen2.5-0.5B").symlink_to(root / "qwen_tied")
+    rc, stdout, err = run(capsys, "--config", REPO / "recipes" / "paper" / "assemble.yaml", f"vars.models={models}",
+                          f"vars.runs={runs}", "vars.llm=Qwen2.5-0.5B", "vars.name=qwen2.5-0.5b", "dtype=float32")
+    out = runs / "init" / "qwen2.5-0.5b"
+    assert rc == 0, err
+    assert f"to {out}" in stdout and f"(from {models / 'Qwen2.5-0.5B'}" in stdout and "seed 0" in stdout
+    rc, _, err = run(capsys, "--vision", root / "siglip_vision", "--llm", root / "qwen_tied", "--out",
+                     tmp_path / "flags", "--dtype", "float32")
+    assert rc == 0, err
+    ours, theirs = load_file(out / "model.safetensors"), load_file(tmp_path / "flags" / "model.safetensors")
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -4,8 +4,10 @@ import json
 import os
 import subprocess
 import sys
+from importlib.util import find_spec
 
 import pytest
+import torch
 from conftest import REPO, write_recipe, write_tiny_model
 from recipe_scripts import train_script
 
@@ -255,6 +257,35 @@ def test_train_script_dry_run_under_a_launcher_env_never_imports_deepspeed(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size    2 (WORLD_SIZE)" in proc.stdout and "DeepSpeed config, teacher" in proc.stdout
     assert not (tmp_path / "run").exists()
+
+
+CPU_ONLY = not torch.cuda.is_available() and find_spec("flash_attn") is None and find_spec("flash_attn_interface") is None
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="what a machine without CUDA and flash-attn lacks")
+def test_the_plan_says_what_this_machine_lacks(tmp_path, models, data_dir, capsys):
+    flash3 = {"text": "flash_attention_3", "vision": "flash_attention_3"}
+    path = recipe(tmp_path, models, data_dir, distill=True, engine={"precision": "bf16"},
+                  model={"attn_implementation": {"text": "flash_attention_2", "vision": "sdpa"}},
+                  teacher={"attn_implementation": flash3})
+    assert main(["plan", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out[out.index("\nThis machine"):].splitlines()[1:] == [
+        "This machine lacks or cannot check what the recipe requests; the job needs these on its compute nodes "
+        "(a login node without a GPU usually lacks them):",
+        "  flash_attention_2 (model.attn_implementation.text): the flash_attn package is not installed",
+        "  flash_attention_3 (teacher.attn_implementation.text, teacher.attn_implementation.vision): the "
+        "flash_attn_interface package is not installed",
+        "  bf16 (engine.precision: bf16): no CUDA device, so bf16 support cannot be checked"]
+
+    assert train_script.main(["--config", str(path), "--dry-run", "engine.precision=auto"]) == 0
+    out = capsys.readouterr().out  # auto is bf16 only where the device has it: nothing to lack
+    assert out.endswith("flash_attn_interface package is not installed\n") and "bf16 (" not in out
+
+    assert main(["plan", "--config", str(path), "engine.precision=fp32", "teacher.attn_implementation.text=sdpa",
+                 "teacher.attn_implementation.vision=eager", "model.attn_implementation.text=sdpa"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n\nThis machine: lacks nothing the recipe requests (attention backends, precision)\n")
 
 
 def test_a_global_batch_that_does_not_divide_names_the_key(tmp_path, models, data_dir, capsys):

@@ -90,6 +90,7 @@ def test_every_metric_reaches_tensorboard_and_wandb_across_a_resume(tmp_path, ti
         tmp_path / "r.yaml", tiny_model, digitgrid, run_dir, str(REPO / "ds_configs" / "zero2.json"),
         train={"max_steps": 4, "global_batch_size": 4},
         logging={"tensorboard": True, "wandb": True, "wandb_project": "tracker-test"},
+        eval={"data": str(digitgrid / "test.json"), "max_samples": 6, "max_new_tokens": 4},
     )
     run_dir.mkdir()
     (run_dir / "stop_request").touch()  # the first start checkpoints after step 1 and stops; the second resumes
@@ -101,6 +102,10 @@ def test_every_metric_reaches_tensorboard_and_wandb_across_a_resume(tmp_path, ti
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     expected = expected_scalars(metrics)
     assert {"loss", "grad_norm", "lr/model"} <= {tag for tag, _ in expected}
+    # The evaluation after training, at the last step.
+    scores = json.loads((run_dir / "eval" / "test_scores.json").read_text())
+    expected.update({(f"eval/test/{category}", 4): s["accuracy"] for category, s in scores.items()})
+    assert ("eval/test/all", 4) in expected
 
     # TensorBoard: every (metric, step) once, at float32 (what a TensorBoard scalar holds).
     shown = tensorboard_scalars(run_dir / "tensorboard")
@@ -126,12 +131,13 @@ def test_every_metric_reaches_tensorboard_and_wandb_across_a_resume(tmp_path, ti
                 assert record.run.project == "tracker-test" and record.run.display_name == str(run_dir)
                 configs.append({u.key: json.loads(u.value_json) for u in record.run.config.update})
     assert history == expected
-    # The W&B config is the run's resolved config.yaml.
-    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert resolved["logging"] == {"tensorboard": True, "wandb": True, "wandb_project": "tracker-test"}
+    # The W&B config of each start is that start's resolved recipe (starts/NNN.yaml; config.yaml is the newest).
+    starts = [yaml.safe_load(p.read_text()) for p in sorted((run_dir / "starts").glob("*.yaml"))]
+    assert starts[-1] == yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert starts[0]["logging"] == {"tensorboard": True, "wandb": True, "wandb_project": "tracker-test"}
     assert len(configs) == 2
-    for config in configs:
-        assert {k: v for k, v in config.items() if k != "_wandb"} == resolved
+    for config, start in zip(configs, starts):
+        assert {k: v for k, v in config.items() if k != "_wandb"} == start
 
     # Neither start left a W&B service (or anything else) running.
     deadline = time.time() + 30
