@@ -4,7 +4,8 @@ Bad input is a recipe, data, model directory or a path that cannot be read or wr
 rank runs the command. Rank 0 reports at once; any other rank first waits ``SIBLING_WAIT_S``, in which the
 launcher ends it if rank 0 has exited: an error every rank meets (a recipe key, a model path, the data check
 before training) is printed once, one that only this rank met still is. A rank whose collective fails because
-a peer exited waits the same way, then says so (exit 1).
+a peer exited waits the same way, then says so (exit 1). A signal that stops a command outside the training loop
+(:class:`~aligntI.training.interrupts.Interrupted`) is one line from rank 0, exit 128 + the signal.
 """
 
 from __future__ import annotations
