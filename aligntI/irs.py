@@ -132,6 +132,16 @@ def compute_irs(forward, model, loader, device, dtype, pairing: str, is_main: bo
     }
 
 
+def saved_layer(report_path: Path, teacher: str, queries: str) -> int | None:
+    """The IVA layer an ``irs.json`` chose, when it was computed for this teacher from these query rows."""
+    if not report_path.is_file():
+        return None
+    report = json.loads(report_path.read_text())
+    if (report["model"], report.get("queries", "instruction")) != (teacher, queries):
+        return None
+    return report["chosen_layer"]
+
+
 def calibrate_iva_layer(teacher, processor, cfg, dist) -> dict:
     """``iva.layer: auto`` at start-up: IRS of the teacher engine on ``irs.samples`` calibration samples, drawn
     at random (seeded by the recipe's seed) from the whole calibration source, the same count on every rank."""

@@ -18,7 +18,6 @@ capture and TPA candidate pass in docs/engineering.md.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from aligntI.data.loader import build_sequential_loader
 from aligntI.hooks import attention as capture
 from aligntI.hooks.modules import project_rows, relative_depth_layer
 from aligntI.hooks.transitions import CandidateBatch, JointPass, PrefixCache
-from aligntI.irs import calibrate_iva_layer
+from aligntI.irs import calibrate_iva_layer, saved_layer
 from aligntI.losses.iva import (
     attention_kl_sum,
     budget_weights,
@@ -266,14 +265,10 @@ class DistillObjective:
                                   "decoder layers")
             return cfg.iva.layer
         saved = Path(cfg.run_dir) / "irs.json"
-        if resumed and saved.is_file():  # a resumed run keeps the layer it chose, if chosen for this teacher
-            report = json.loads(saved.read_text())
-            chosen_for = (report["model"], report.get("queries", "instruction"))
-            if chosen_for == (cfg.teacher.path, cfg.iva.queries):
-                self.log(f"IVA layer {report['chosen_layer']} from {saved} (resumed run)")
-                return report["chosen_layer"]
-            self.log(f"{saved} was computed for teacher {chosen_for[0]} from iva.queries {chosen_for[1]}: "
-                     "calibrating again")
+        layer = saved_layer(saved, cfg.teacher.path, cfg.iva.queries) if resumed else None
+        if layer is not None:  # a resumed run keeps the layer it chose for this teacher (else: calibrated again)
+            self.log(f"IVA layer {layer} from {saved} (resumed run)")
+            return layer
         report = calibrate_iva_layer(self.teacher, self.processor, cfg, self.dist)
         self.log(f"IRS on {report['samples']} calibration samples ({report['pairing']} pairs): "
                  + ", ".join(f"L{i} {v:.3f}" for i, v in enumerate(report["irs"]))

@@ -29,6 +29,7 @@ from aligntI.hooks.attention import AttentionCapture, decoder_layers, padded_pos
 from aligntI.hooks.transitions import CandidateBatch, JointPass, PrefixCache
 from aligntI.losses.tpa import candidate_weights, draw_candidates, scored_rows
 from aligntI.models.loading import load_model
+from aligntI.training.interrupts import Interrupts
 from aligntI.training.objective import TPADraws, count_response_bigrams
 
 
@@ -105,7 +106,7 @@ def check_tpa(run, batch, plain_teacher, plain_student) -> dict:
 def main(recipe_path, probe_data, out_path):
     cfg = load_recipe(recipe_path)
     run = train_script.build(cfg, [])
-    train_script.train(run)
+    train_script.train(run, Interrupts())  # no signal arrives: the whole run
     result = {}
 
     # The teacher: unchanged against a fresh load from disk, and gradient-free.

@@ -9,7 +9,7 @@ from conftest import answer_starts, launch
 
 from aligntI.cli import main
 from aligntI.config import ConfigError
-from aligntI.irs import choose_layer, format_table, irs_scores, pair_mask
+from aligntI.irs import choose_layer, format_table, irs_scores, pair_mask, saved_layer
 
 
 def test_irs_matches_hand_computation():
@@ -139,3 +139,14 @@ def test_irs_focus_from_the_answer_start_rows_is_eager_attention_from_there(tiny
                 oracle.append(rows / rows.sum(-1, keepdim=True))
     assert left_out == 0
     torch.testing.assert_close(focus, torch.stack(oracle, dim=1).to(focus.dtype), atol=1e-5, rtol=1e-4)
+
+
+def test_a_saved_layer_is_reused_only_for_its_teacher_and_query_rows(tmp_path):
+    report = tmp_path / "irs.json"
+    assert saved_layer(report, "/models/teacher", "instruction") is None  # none yet
+    report.write_text(json.dumps({"model": "/models/teacher", "queries": "answer_start", "chosen_layer": 5}))
+    assert saved_layer(report, "/models/teacher", "answer_start") == 5
+    assert saved_layer(report, "/models/other_teacher", "answer_start") is None
+    assert saved_layer(report, "/models/teacher", "instruction") is None
+    report.write_text(json.dumps({"model": "/models/teacher", "chosen_layer": 3}))  # written before queries existed
+    assert saved_layer(report, "/models/teacher", "instruction") == 3
