@@ -9,6 +9,8 @@ whole, because raised inside a worker torch would re-raise it as a RuntimeError 
 
 from __future__ import annotations
 
+import signal
+
 import jinja2
 import numpy as np
 import torch.utils.data
@@ -150,6 +152,14 @@ class RaisingLoader:
             yield batch
 
 
+def leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGINT and SIGTERM. Ctrl-C reaches every process of the terminal's group and
+    launchers signal whole process trees: a worker that died of it would fail the step the trainer is finishing
+    before its checkpoint (aligntI/training/interrupts.py). Workers end with the trainer all the same."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def build_train_loader(processor, data: DataConfig, *, seed: int, rank: int, world_size: int,
                        micro_batch_size: int, global_batch_size: int, start_sample: int = 0):
     """Returns ``(loader, sampler)``; the loader is endless and starts after ``start_sample`` of this rank."""
@@ -166,6 +176,7 @@ def build_train_loader(processor, data: DataConfig, *, seed: int, rank: int, wor
         collate_fn=_CollateOrError(build_collator(processor, encoder, data.padding_side)),
         persistent_workers=data.num_workers > 0,
         prefetch_factor=4 if data.num_workers > 0 else None,
+        worker_init_fn=leave_signals_to_the_trainer,
     )
     return RaisingLoader(loader), sampler
 
@@ -197,4 +208,5 @@ def build_sequential_loader(processor, data: DataConfig, *, batch_size: int, sam
         torch.utils.data.Subset(_ErrorsAsItems(dataset), indices), batch_size=batch_size, shuffle=False,
         num_workers=data.num_workers,
         collate_fn=_CollateOrError(build_collator(processor, encoder, data.padding_side)),
+        worker_init_fn=leave_signals_to_the_trainer,
     ))

@@ -146,7 +146,7 @@ def check_restart(saved: dict, current: dict, accept: list[str], checkpoint: Pat
     if refused:
         lines = "; ".join(c.line() + (f" ({c.effect})" if c.effect else "") for c in refused)
         acceptable = [c.key for c in refused if _under(c.key, ACCEPTABLE) and not c.effect]
-        ways = ["a new run_dir", "resume: never (starts over in this run_dir, its checkpoints are overwritten)"]
+        ways = ["a new run_dir", "resume: never (starts over in this run_dir: step 1, a new metrics.jsonl)"]
         if acceptable:
             ways.append(f"accept_changes=[{','.join(acceptable)}] to continue with the change, recorded")
         raise ConfigError(f"resume: {checkpoint} was trained under another recipe: {lines}. Ways on: "
