@@ -9,6 +9,7 @@ whole, because raised inside a worker torch would re-raise it as a RuntimeError 
 
 from __future__ import annotations
 
+import os
 import signal
 
 import jinja2
@@ -153,11 +154,13 @@ class RaisingLoader:
 
 
 def leave_signals_to_the_trainer(worker_id: int) -> None:
-    """A DataLoader worker ignores SIGINT and SIGTERM. Ctrl-C reaches every process of the terminal's group and
-    launchers signal whole process trees: a worker that died of it would fail the step the trainer is finishing
-    before its checkpoint (aligntI/training/interrupts.py). Workers end with the trainer all the same."""
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
+    """A DataLoader worker's signals. Ctrl-C reaches every process of the terminal's group, and launchers and
+    SLURM signal whole process trees, while the trainer finishes its step before it stops
+    (aligntI/training/interrupts.py). A worker killed by a signal makes torch raise in the trainer at once, so:
+    SIGINT is ignored; SIGTERM (also how the loader itself stops a worker that does not end in time) ends the
+    worker with status 0, which torch does not treat as a failure."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 def build_train_loader(processor, data: DataConfig, *, seed: int, rank: int, world_size: int,
