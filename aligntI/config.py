@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from aligntI.yamlconf import ChatTemplate, ConfigError, RecipePath, load, read_utf8
+from aligntI.yamlconf import ChatTemplate, ConfigError, RecipePath, flatten, load, read_utf8, under
 from aligntI.yamlconf import from_dict as from_dict  # re-exported: the package imports it from here
 
 TRAINABLE_PARTS = ("vision_tower", "projector", "llm")
@@ -376,20 +376,10 @@ class RecipeConfig:
         self._check_accept_changes()
 
     def _check_accept_changes(self) -> None:
-        keys = _dotted_keys(dataclasses.asdict(self))
+        keys = flatten(dataclasses.asdict(self))
         for i, name in enumerate(self.accept_changes):
-            if not any(k == name or k.startswith(name + ".") for k in keys):
+            if not any(under(key, [name]) for key in keys):
                 raise ConfigError(f"accept_changes.{i}: {name!r} names no key of this recipe")
-
-
-def _dotted_keys(tree, prefix: str = "") -> list[str]:
-    """Every key of a nested mapping as ``a.b`` (list items as ``a.0``), sections included."""
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
-    keys = []
-    for key, value in items:
-        name = f"{prefix}.{key}" if prefix else str(key)
-        keys += [name, *_dotted_keys(value, name)]
-    return keys
 
 
 def zero_stage(ds: dict) -> int:

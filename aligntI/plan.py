@@ -409,6 +409,7 @@ class Plan:
     resume_from: str | None
     student_traffic: tuple[Traffic, str] | None = None
     placements: list[Placement] = field(default_factory=list)  # each teacher.placement, this recipe's marked
+    machine: list[str] = field(default_factory=list)  # what the machine printing the plan lacks (machine.py)
 
     @property
     def distill(self) -> bool:
@@ -492,7 +493,7 @@ def make_plan(recipe: str | Path, overrides: list[str] | None = None, *, world_s
                                         traffic, how))
     return Plan(str(recipe), list(overrides or []), world, world_source, batching, data,
                 steps, student_ds, teacher_ds, student, teacher, problems, gpu_memory_gib, cfg.run_dir, resume,
-                student_traffic, placements)
+                student_traffic, placements, machine_lines(cfg))
 
 
 # ---------------------------------------------------------------- text
@@ -619,6 +620,5 @@ def print_plan(config: str, overrides: list[str], world_size: int | None = None,
     plan = make_plan(config, overrides, world_size=world_size,
                      gpu_memory_gib=GPU_MEMORY_GIB if gpu_memory_gib is None else gpu_memory_gib,
                      train_samples=train_samples)
-    print(format_plan(plan), flush=True)
-    print("\n" + "\n".join(machine_lines(load_recipe(config, overrides))), flush=True)
+    print(format_plan(plan) + "\n\n" + "\n".join(plan.machine), flush=True)
     return 0

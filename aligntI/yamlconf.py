@@ -195,6 +195,26 @@ def apply_override(raw: dict, item: str) -> None:
         node[last] = value
 
 
+def flatten(tree, prefix: str = "") -> dict:
+    """A nested mapping by dotted key, as overrides name them: ``{"a": {"b": [x]}}`` -> ``{"a.b.0": x}``; an empty
+    mapping or list stays a value."""
+    if isinstance(tree, dict) and tree:
+        items = tree.items()
+    elif isinstance(tree, list) and tree:
+        items = enumerate(tree)
+    else:
+        return {prefix: tree}
+    out = {}
+    for key, value in items:
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def under(key: str, prefixes) -> str | None:
+    """The first of ``prefixes`` that is ``key`` or a section holding it (``train`` holds ``train.max_steps``)."""
+    return next((p for p in prefixes if key == p or key.startswith(p + ".")), None)
+
+
 def _index(node: list, part: str, key: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
         raise ConfigError(f"override {key}: {part!r} is not an index of a list of length {len(node)}")

@@ -69,7 +69,6 @@ class Run:
     objective: SFTObjective | DistillObjective
     start_step: int
     total_steps: int
-    recipe: dict  # what a restart compares with (aligntI/training/resume.py), kept in every checkpoint
     data_counts: state.DataCounts
     eval_items: list | None
     metrics: MetricsLog | None  # rank 0 only
@@ -99,10 +98,10 @@ def build(cfg: RecipeConfig, overrides: list[str]) -> Run:
     # A restart is checked against the recipe its checkpoint was trained under; the run folder is written only
     # once every check has passed (after the checkpoint has loaded).
     point = state.resume_point(ckpt_dir, cfg.resume)
-    recipe = resume.comparable(cfg, ds_config)
     verdict = None
     if point.tag is not None and point.recipe is not None:
-        verdict = resume.check_restart(point.recipe, recipe, cfg.accept_changes, ckpt_dir / point.tag)
+        verdict = resume.check_restart(point.recipe, resume.comparable(cfg, ds_config), cfg.accept_changes,
+                                       ckpt_dir / point.tag)
     if state.resharded(point, dist.world_size, ds_config):  # written on another number of ranks (a requeue)
         ds_config = engine.universal_loading(ds_config)
     if dist.is_main:
@@ -174,8 +173,8 @@ def build(cfg: RecipeConfig, overrides: list[str]) -> Run:
             f"placement {placement}, no optimizer, eval mode")
         objective = DistillObjective(cfg, teacher, student, processor, shared, dist, accumulation,
                                      resumed=start_step > 0, log=log)
-    return Run(cfg, dist, batching, processor, loader, student, objective, start_step, total_steps, recipe,
-               data_counts, eval_items, metrics)
+    return Run(cfg, dist, batching, processor, loader, student, objective, start_step, total_steps, data_counts,
+               eval_items, metrics)
 
 
 def train_step(run: Run, micro: list[dict], step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -199,7 +198,7 @@ def train(run: Run, interrupts: Interrupts) -> str:
 
     def save(step: int) -> Path:
         path = state.save(student, ckpt_dir, step, run.data_counts, run.batching, dist.rank, cfg.train.keep_last,
-                          run.recipe, run.total_steps)
+                          resume.comparable(cfg, student.ds_config), run.total_steps)
         run.log(f"checkpoint {path}")
         return path
 

@@ -28,6 +28,7 @@ import yaml
 from aligntI.config import ConfigError, zero_stage
 from aligntI.engine.checkpoints import atomic_write
 from aligntI.training.schedule import cosine_with_warmup, warmup_steps_for
+from aligntI.yamlconf import flatten, under
 
 # Keys (dotted prefixes) whose change cannot alter the model a run produces.
 INERT = (
@@ -66,24 +67,6 @@ def comparable(cfg, ds_config: dict) -> dict:
     }}
 
 
-def flatten(tree, prefix: str = "") -> dict:
-    """``{"a": {"b": [x]}}`` -> ``{"a.b.0": x}``; an empty mapping or list stays a value."""
-    if isinstance(tree, dict) and tree:
-        items = tree.items()
-    elif isinstance(tree, list) and tree:
-        items = enumerate(tree)
-    else:
-        return {prefix: tree}
-    out = {}
-    for key, value in items:
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def _under(key: str, prefixes) -> str | None:
-    return next((p for p in prefixes if key == p or key.startswith(p + ".")), None)
-
-
 @dataclass
 class Change:
     key: str
@@ -96,11 +79,18 @@ class Change:
         return f"{self.key}: {_show(self.was)} -> {_show(self.now)}"
 
 
-_ABSENT = "(absent)"
+class _Absent:
+    """A key one of the two recipes does not have."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_ABSENT = _Absent()
 
 
 def _show(value) -> str:
-    text = repr(value) if value is not _ABSENT else value
+    text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
 
 
@@ -126,11 +116,11 @@ def compare(saved: dict, current: dict, accept: list[str]) -> Verdict:
         was, now = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if was == now:
             continue
-        if _under(key, INERT):
+        if under(key, INERT):
             verdict.changes.append(Change(key, was, now, "passes"))
             continue
-        named = _under(key, accept)
-        acceptable = _under(key, ACCEPTABLE)
+        named = under(key, accept)
+        acceptable = under(key, ACCEPTABLE)
         if named and acceptable:
             verdict.changes.append(Change(key, was, now, "accepted", ACCEPTABLE[acceptable]))
         else:
@@ -145,7 +135,7 @@ def check_restart(saved: dict, current: dict, accept: list[str], checkpoint: Pat
     refused = verdict.refused
     if refused:
         lines = "; ".join(c.line() + (f" ({c.effect})" if c.effect else "") for c in refused)
-        acceptable = [c.key for c in refused if _under(c.key, ACCEPTABLE) and not c.effect]
+        acceptable = [c.key for c in refused if under(c.key, ACCEPTABLE) and not c.effect]
         ways = ["a new run_dir", "resume: never (starts over in this run_dir: step 1, a new metrics.jsonl)"]
         if acceptable:
             ways.append(f"accept_changes=[{','.join(acceptable)}] to continue with the change, recorded")

@@ -130,14 +130,16 @@ def restore(student, ckpt_dir: Path, point: ResumePoint, model_path: str, dist: 
         student.load_checkpoint(ckpt_dir, point.tag)
     else:
         student.load_resharded(ckpt_dir, point.tag, dist.rank)
-    ranks = [dist.rank] if old_world == dist.world_size else range(old_world) if dist.rank == 0 else []
+    # This rank's own file; after a reshard, rank 0 also adds up every old rank's skip counts.
+    ranks = range(old_world) if dist.rank == 0 and old_world != dist.world_size else [dist.rank]
+    old = {r: torch.load(ckpt_dir / point.tag / f"rank{r}_state.pt", weights_only=False)
+           for r in ranks if r < old_world}
+    if dist.rank in old:
+        set_rng_state(old[dist.rank]["rng"])
     counts = DataCounts()
-    for r in ranks:
-        old = torch.load(ckpt_dir / point.tag / f"rank{r}_state.pt", weights_only=False)
-        counts.skips = {k: counts.skips[k] + v for k, v in old["skips"].items()}
-        counts.truncated += old["truncated"]
-    if dist.rank < old_world:
-        set_rng_state(torch.load(ckpt_dir / point.tag / f"rank{dist.rank}_state.pt", weights_only=False)["rng"])
+    for saved in old.values():
+        counts.skips = {k: counts.skips[k] + v for k, v in saved["skips"].items()}
+        counts.truncated += saved["truncated"]
     return counts
 
 

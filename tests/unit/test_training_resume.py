@@ -8,8 +8,9 @@ import yaml
 from conftest import REPO, write_recipe
 
 from aligntI.config import ConfigError, load_recipe
-from aligntI.training.resume import check_restart, comparable, compare, describe, flatten, record_start
+from aligntI.training.resume import check_restart, comparable, compare, describe, record_start
 from aligntI.training.state import ResumePoint
+from aligntI.yamlconf import flatten
 
 ZERO3 = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
 ZERO2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
